@@ -1,0 +1,199 @@
+"""The HTTP app: core routes of the OpenAI-compatible API on quart-trio.
+
+Every response carries `X-Request-ID` (the client's when it sent a sane one) and
+`Server-Timing`; every error, whatever raised it, leaves as the OpenAI error
+envelope. Streaming responses have quart's response timeout switched off (it would
+cut a stream at 60 s) and are bound to their session: when the client goes away,
+the handler is cancelled and the session is cancelled with it, unless detached.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+import re
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+import attrs
+import orjson
+import trio
+from quart import Response, g, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from . import sse
+from .chat import ChatRequest
+from .errors import APIError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
+from .logs import request_id_var, session_id_var
+from .runtime import Runtime
+from .sessions import Session
+
+log = logging.getLogger("streamvisor.http")
+
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_JSON = "application/json"
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status=status, content_type=_JSON, headers=headers)
+
+
+def error_response(error: APIError) -> Response:
+    return json_response(error.body(getattr(g, "request_id", None)), error.status, error.headers)
+
+
+def _http_error(exc: HTTPException) -> APIError:
+    code = exc.code or 500
+    if code == 404:
+        return NotFound(f"No route for {request.method} {request.path}.")
+    if code == 405:
+        return MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
+    if code == 413:
+        return PayloadTooLarge(f"The request body is larger than the limit of {request.max_content_length} bytes.")
+    if code == 408:
+        return APIError("The request body took too long to arrive.", status=408, code="request_timeout")
+    if code < 500:
+        return APIError(exc.description or exc.name, status=code, code=exc.name.lower().replace(" ", "_"))
+    return InternalError("The server failed to handle the request.")
+
+
+async def read_json() -> Any:
+    data = await request.get_data(cache=False)
+    if not data:
+        raise InvalidRequest("The request body is empty; expected a JSON object.")
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
+
+
+def create_app(runtime: Runtime) -> QuartTrio:
+    app = QuartTrio("streamvisor.core.app", root_path=str(Path(__file__).parent))
+    app.config["MAX_CONTENT_LENGTH"] = runtime.config.server.max_body_bytes
+    app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
+    app.extensions["streamvisor"] = runtime
+
+    @app.before_request
+    async def start_request() -> None:
+        g.t0 = time.perf_counter()
+        given = request.headers.get("X-Request-ID", "")
+        g.request_id = given if _SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
+        request_id_var.set(g.request_id)
+
+    @app.after_request
+    async def finish_request(response: Response) -> Response:
+        request_id = getattr(g, "request_id", None)
+        if request_id:
+            response.headers["X-Request-ID"] = request_id
+        t0 = getattr(g, "t0", None)
+        if t0 is not None:
+            elapsed = (time.perf_counter() - t0) * 1000
+            response.headers["Server-Timing"] = f"total;dur={elapsed:.2f}"
+            if response.status_code >= 500:
+                log.warning("%s %s -> %d in %.1f ms", request.method, request.path, response.status_code, elapsed)
+            else:
+                log.info("%s %s -> %d in %.1f ms", request.method, request.path, response.status_code, elapsed)
+        return response
+
+    @app.errorhandler(APIError)
+    async def api_error(error: APIError) -> Response:
+        return error_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        return error_response(_http_error(exc))
+
+    @app.errorhandler(Exception)
+    async def unexpected(exc: Exception) -> Response:
+        log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
+        return error_response(InternalError("The server failed to handle the request."))
+
+    @app.get("/v1/models")
+    async def list_models() -> Response:
+        models = [m.to_openai() for m in runtime.providers.models()]
+        return json_response({"object": "list", "data": models})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions() -> Response:
+        chat = ChatRequest.from_openai(await read_json())
+        chat = attrs.evolve(chat, request_id=g.request_id)
+        session = runtime.open_session(chat)
+        session_id_var.set(session.id)
+        headers = {"X-Session-ID": session.id}
+        handed_off = False
+        try:
+            await session.wait_first()
+            if session.error is not None and not session.chunks:
+                # Nothing reached the client: a plain error status is honest.
+                session.error.headers.setdefault("X-Session-ID", session.id)
+                raise session.error
+            completion_id = f"chatcmpl-{session.id.removeprefix('sess_')}"
+            created = int(session.created)
+            if not chat.stream:
+                await session.wait_done()
+                if session.error is not None:
+                    raise session.error
+                usage = session.usage
+                assert usage is not None
+                return json_response(
+                    sse.completion(completion_id, chat.model, created, session.chunks, session.finish_reason, usage),
+                    headers=headers,
+                )
+            encoder = sse.ChunkEncoder(completion_id, chat.model, created)
+            response = Response(
+                _stream(session, encoder, chat.include_usage),
+                content_type="text/event-stream",
+                headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+            response.timeout = None  # quart would cut the stream after RESPONSE_TIMEOUT (60 s)
+            handed_off = True
+            return response
+        finally:
+            if not handed_off and not session.detached:
+                session.cancel("disconnected")
+
+    @app.get("/v1/sessions/<session_id>")
+    async def get_session(session_id: str) -> Response:
+        return json_response(runtime.sessions.get(session_id).to_json())
+
+    @app.post("/v1/sessions/<session_id>/stop")
+    async def stop_session(session_id: str) -> Response:
+        session = runtime.sessions.get(session_id)
+        stopped = session.cancel("stopped")
+        if stopped:
+            with trio.move_on_after(5):
+                await session.wait_done()
+        body = session.to_json()
+        body["stopped"] = stopped
+        return json_response(body)
+
+    for route in runtime.routes:
+        app.add_url_rule(
+            route.path,
+            endpoint=f"{route.plugin}:{route.path}:{','.join(route.methods)}",
+            view_func=route.view,
+            methods=list(route.methods),
+        )
+    return app
+
+
+async def _stream(session: Session, encoder: sse.ChunkEncoder, include_usage: bool) -> AsyncIterator[bytes]:
+    offset = 0
+    try:
+        async for batch in session.follow(0):
+            yield encoder.chunks(offset, batch)
+            offset += len(batch)
+        if session.error is not None:
+            yield sse.error_event(session.error, session.request_id)
+            return
+        if include_usage and session.usage is not None:
+            yield encoder.usage(offset, session.usage)
+        yield sse.DONE
+    finally:
+        # Runs when the stream ends, and when the client disconnected and quart
+        # cancelled the handler: then the session is cancelled too (unless
+        # detached). cancel() does not await, so the cancelled scope is no trap.
+        if not session.finished and not session.detached:
+            session.cancel("disconnected")

@@ -1,0 +1,282 @@
+"""The `streamvisor` command: serve, chat, plugins.
+
+`serve` reads plugins.toml (or builds a config from `--upstream`), starts the
+runtime and serves the API with hypercorn's trio worker until SIGINT/SIGTERM.
+`chat` runs a completion in-process (or against `--url`) and streams it to the
+terminal. `plugins` lists what plugins.toml loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import attrs
+import trio
+
+from streamvisor.config import ConfigError, StreamvisorConfig, load_config
+
+from .logs import configure
+
+log = logging.getLogger("streamvisor")
+
+DEFAULT_CONFIG = "plugins.toml"
+
+
+def build_config(args: argparse.Namespace) -> StreamvisorConfig:
+    """The config a command runs with: `--config`, else `--upstream`, else ./plugins.toml."""
+    upstreams = getattr(args, "upstream", None) or []
+    if args.config:
+        config = load_config(args.config)
+    elif upstreams:
+        config = StreamvisorConfig.from_dict({}, source="--upstream")
+    elif Path(DEFAULT_CONFIG).exists():
+        config = load_config(DEFAULT_CONFIG)
+    else:
+        raise ConfigError(
+            DEFAULT_CONFIG, "(file)", "a plugins.toml here, --config PATH or --upstream URL", "none of them"
+        )
+    if upstreams:
+        tables = [
+            {
+                "name": "upstream" if len(upstreams) == 1 else f"upstream-{i + 1}",
+                "base_url": url,
+                "api_key": args.api_key_env and f"${{{args.api_key_env}}}" or "",
+            }
+            for i, url in enumerate(upstreams)
+        ]
+        settings = StreamvisorConfig.from_dict({"plugins": {"openai": {"upstreams": tables}}}, source="--upstream")
+        config = config.without_plugin("local").with_plugin("openai", settings.plugins[0].settings)
+    server: dict[str, Any] = {}
+    if getattr(args, "host", None):
+        server["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        server["port"] = args.port
+    if server:
+        config = attrs.evolve(config, server=attrs.evolve(config.server, **server))
+    return config
+
+
+# -- serve ---------------------------------------------------------------------
+
+
+async def serve(config: StreamvisorConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED, shutdown: trio.Event | None = None) -> None:
+    """Run the runtime and the HTTP server until `shutdown` is set (or cancelled).
+
+    Reports the base URL it listens on through `task_status` (the port may be 0,
+    meaning any free one).
+    """
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.trio import serve as hypercorn_serve
+
+    from .app import create_app
+    from .runtime import Runtime
+
+    if shutdown is None:
+        shutdown = trio.Event()
+    async with Runtime.open(config) as runtime:
+        app = create_app(runtime)
+        hconfig = HypercornConfig()
+        host = config.server.host
+        hconfig.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
+        hconfig.accesslog = None
+        hconfig.errorlog = logging.getLogger("hypercorn.error")
+        hconfig.graceful_timeout = config.server.shutdown_grace_seconds
+        hconfig.keep_alive_timeout = 75
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(lambda task_status: hypercorn_serve(app, hconfig, shutdown_trigger=shutdown.wait, task_status=task_status))
+            url = binds[0].replace("0.0.0.0", "127.0.0.1")
+            models = ", ".join(m.id for m in runtime.providers.models()) or "none"
+            log.info("streamvisor listening on %s (models: %s)", url, models)
+            task_status.started(url)
+
+
+async def _serve_until_signal(config: StreamvisorConfig) -> None:
+    shutdown = trio.Event()
+    async with trio.open_nursery() as nursery:
+
+        async def watch_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for signum in signals:
+                    log.info("received %s: shutting down", signal.Signals(signum).name)
+                    shutdown.set()
+                    return
+
+        nursery.start_soon(watch_signals)
+
+        async def run() -> None:
+            await serve(config, shutdown=shutdown)
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(run)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    config = build_config(args)
+    configure(config.server.log_level)
+    trio.run(_serve_until_signal, config)
+    return 0
+
+
+# -- chat ----------------------------------------------------------------------
+
+
+async def _chat_in_process(config: StreamvisorConfig, args: argparse.Namespace) -> int:
+    from .chat import ChatRequest
+    from .runtime import Runtime
+
+    async with Runtime.open(config) as runtime:
+        models = runtime.providers.models()
+        if not models:
+            print("error: no models are configured", file=sys.stderr)
+            return 1
+        body = _chat_body(args, args.model or models[0].id)
+        session = runtime.open_session(ChatRequest.from_openai(body))
+        async for batch in session.follow():
+            for delta in batch:
+                if delta.reasoning:
+                    sys.stdout.write(f"\x1b[2m{delta.reasoning}\x1b[0m")
+                if delta.content:
+                    sys.stdout.write(delta.content)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        if session.error is not None:
+            print(f"error: {session.error.message}", file=sys.stderr)
+            return 1
+        usage = session.usage
+        if usage is not None and args.usage:
+            print(
+                f"[{session.model}: {usage.prompt_tokens} prompt + {usage.completion_tokens} completion tokens, "
+                f"finish_reason={session.finish_reason}]",
+                file=sys.stderr,
+            )
+        return 0
+
+
+def _chat_body(args: argparse.Namespace, model: str) -> dict[str, Any]:
+    messages = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    messages.append({"role": "user", "content": args.prompt})
+    body: dict[str, Any] = {"model": model, "messages": messages, "stream": True}
+    if args.max_tokens:
+        body["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        body["temperature"] = args.temperature
+    return body
+
+
+async def _chat_remote(args: argparse.Namespace) -> int:
+    import httpx
+    import orjson
+
+    base = args.url.rstrip("/")
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=600)) as client:
+        model = args.model
+        if not model:
+            models = (await client.get(f"{base}/models")).json()["data"]
+            if not models:
+                print("error: the server lists no models", file=sys.stderr)
+                return 1
+            model = models[0]["id"]
+        async with client.stream("POST", f"{base}/chat/completions", json=_chat_body(args, model)) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                print(f"error: {response.json()['error']['message']}", file=sys.stderr)
+                return 1
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = orjson.loads(line[6:])
+                if "error" in chunk:
+                    print(f"\nerror: {chunk['error']['message']}", file=sys.stderr)
+                    return 1
+                for choice in chunk.get("choices", ()):
+                    text = choice["delta"].get("content")
+                    if text:
+                        sys.stdout.write(text)
+                        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    if args.url:
+        return trio.run(_chat_remote, args)
+    config = build_config(args)
+    configure("warning" if not args.verbose else config.server.log_level)
+    return trio.run(_chat_in_process, config, args)
+
+
+# -- plugins -------------------------------------------------------------------
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from streamvisor.hooks import PluginHost
+
+    config = build_config(args)
+    host = PluginHost.from_config(config)
+    disabled = [p.name for p in config.plugins if not p.enabled]
+    rows = [(p.name, p.version, p.origin, ", ".join(p.hooks)) for p in host]
+    widths = [max(len(r[i]) for r in rows + [("name", "version", "from", "hooks")]) for i in range(3)]
+    print(f"{'name':<{widths[0]}}  {'version':<{widths[1]}}  {'from':<{widths[2]}}  hooks")
+    for name, version, origin, hooks in rows:
+        print(f"{name:<{widths[0]}}  {version:<{widths[1]}}  {origin:<{widths[2]}}  {hooks}")
+    if disabled:
+        print(f"disabled in {config.source}: {', '.join(disabled)}")
+    return 0
+
+
+# -- entry point -----------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="streamvisor", description="An OpenAI-compatible AI streaming backend.")
+    commands = top.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", "-c", help=f"the plugins.toml to use (default: ./{DEFAULT_CONFIG})")
+        p.add_argument("--upstream", action="append", metavar="URL", help="serve the models of an OpenAI-compatible server (repeatable; no config file needed)")
+        p.add_argument("--api-key-env", metavar="NAME", help="environment variable holding the upstream's API key")
+
+    serve_p = commands.add_parser("serve", help="serve the API")
+    with_config(serve_p)
+    serve_p.add_argument("--host", help="address to listen on (default from [server], 127.0.0.1)")
+    serve_p.add_argument("--port", type=int, help="port to listen on (default from [server], 8000; 0 picks a free one)")
+    serve_p.set_defaults(run=cmd_serve)
+
+    chat_p = commands.add_parser("chat", help="stream one completion to the terminal")
+    with_config(chat_p)
+    chat_p.add_argument("prompt")
+    chat_p.add_argument("--model", "-m", help="model name (default: the first one listed)")
+    chat_p.add_argument("--system", "-s", help="a system message")
+    chat_p.add_argument("--max-tokens", type=int)
+    chat_p.add_argument("--temperature", type=float)
+    chat_p.add_argument("--url", help="talk to a running server at this /v1 base URL instead of running in-process")
+    chat_p.add_argument("--usage", action="store_true", help="print token usage after the reply")
+    chat_p.add_argument("--verbose", "-v", action="store_true", help="show the server's log lines")
+    chat_p.set_defaults(run=cmd_chat)
+
+    plugins_p = commands.add_parser("plugins", help="list the plugins plugins.toml loads")
+    with_config(plugins_p)
+    plugins_p.set_defaults(run=cmd_plugins)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ConfigError as exc:
+        print(f"streamvisor: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Session events and their dispatch to `on_event` listeners.
+
+Dispatch must never change or delay a stream, so a listener is never called on
+the stream's task. Each listener gets its own bounded memory channel and its own
+task (a permanent child of the runtime's supervisor): `dispatch` only does a
+`send_nowait` per listener. A full queue drops the event and counts the drop; a
+listener that raises is logged and counted, and keeps receiving later events. A
+hanging async listener fills only its own queue.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from typing import Any, Callable
+
+import attrs
+import trio
+
+log = logging.getLogger("streamvisor.events")
+
+EVENT_TYPES = (
+    "created",
+    "started",
+    "first_token",
+    "chunk",
+    "completed",
+    "failed",
+    "stopped",
+    "disconnected",
+)
+
+
+@attrs.frozen(slots=True)
+class Event:
+    type: str
+    session_id: str
+    request_id: str
+    model: str
+    provider: str
+    #: Wall-clock time of the event (seconds since the epoch).
+    at: float
+    data: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define(eq=False)
+class ListenerStats:
+    plugin: str
+    delivered: int = 0
+    errors: int = 0
+    dropped: int = 0
+
+
+@attrs.define(eq=False)
+class _Listener:
+    plugin: str
+    function: Callable[[Event], Any]
+    send: trio.MemorySendChannel[Event]
+    receive: trio.MemoryReceiveChannel[Event]
+    stats: ListenerStats
+
+
+class EventDispatcher:
+    def __init__(self, queue_size: int = 1024) -> None:
+        self.queue_size = queue_size
+        self._listeners: list[_Listener] = []
+
+    def add_listener(self, plugin: str, function: Callable[[Event], Any]) -> None:
+        send, receive = trio.open_memory_channel[Event](self.queue_size)
+        self._listeners.append(_Listener(plugin, function, send, receive, ListenerStats(plugin)))
+
+    @property
+    def active(self) -> bool:
+        """Whether anyone listens; callers skip building events when nobody does."""
+        return bool(self._listeners)
+
+    @property
+    def stats(self) -> list[ListenerStats]:
+        return [listener.stats for listener in self._listeners]
+
+    def emit(self, type: str, session: Any, **data: Any) -> None:
+        if not self._listeners:
+            return
+        self.dispatch(
+            Event(type, session.id, session.request_id, session.model, session.provider, time.time(), data)
+        )
+
+    def dispatch(self, event: Event) -> None:
+        for listener in self._listeners:
+            try:
+                listener.send.send_nowait(event)
+            except trio.WouldBlock:
+                listener.stats.dropped += 1
+
+    def services(self) -> list[tuple[str, Callable[[], Any]]]:
+        """One (name, run) per listener, for the runtime's supervisor."""
+        return [(f"listener:{listener.plugin}", _deliverer(listener)) for listener in self._listeners]
+
+
+def _deliverer(listener: _Listener) -> Callable[[], Any]:
+    async def deliver() -> None:
+        async for event in listener.receive:
+            try:
+                result = listener.function(event)
+                if inspect.isawaitable(result):
+                    await result
+                listener.stats.delivered += 1
+            except Exception:
+                listener.stats.errors += 1
+                log.exception("on_event listener of plugin %r failed on %s event", listener.plugin, event.type)
+
+    return deliver

@@ -1,0 +1,33 @@
+"""Logging with the request id and session id on every line.
+
+The ids live in context variables: trio copies the context into tasks it spawns,
+so a session actor started from a request handler logs with that request's id.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+session_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="-")
+
+
+class ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id_var.get()
+        record.session_id = session_id_var.get()
+        return True
+
+
+def configure(level: str = "info") -> None:
+    handler = logging.StreamHandler()
+    handler.addFilter(ContextFilter())
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)-7s %(name)s request_id=%(request_id)s session_id=%(session_id)s %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    # hypercorn's own access log would repeat ours without the ids.
+    logging.getLogger("hypercorn.access").disabled = True

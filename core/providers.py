@@ -1,0 +1,104 @@
+"""What a model provider is, and the registry that maps model names to providers.
+
+A provider is any object with a `name`, an ``async list_models()`` and a
+``stream(request)`` async generator of `Delta`. It may also have ``async
+aclose()``, called at shutdown. The provider must let cancellation through: the
+session cancels its scope on stop or disconnect, and the provider's generator is
+closed right there (an upstream HTTP request is closed, a local generation loop
+stops at its next token).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterator, Protocol, runtime_checkable
+
+import attrs
+
+from .chat import ChatRequest, Delta
+from .errors import ModelNotFound
+
+log = logging.getLogger("streamvisor.providers")
+
+
+@attrs.frozen
+class ModelInfo:
+    #: The name clients use.
+    id: str
+    #: The provider's name for the model, when it differs (an alias).
+    target: str | None = None
+    owned_by: str = "streamvisor"
+    created: int = 0
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"id": self.id, "object": "model", "created": self.created, "owned_by": self.owned_by}
+
+
+@runtime_checkable
+class Provider(Protocol):
+    name: str
+
+    async def list_models(self) -> list[ModelInfo]: ...
+
+    def stream(self, request: ChatRequest) -> AsyncIterator[Delta]: ...
+
+
+@attrs.frozen
+class Route:
+    """Where a model name leads: a provider and the provider's own model name."""
+
+    provider: Any
+    model: ModelInfo
+
+    @property
+    def target(self) -> str:
+        return self.model.target or self.model.id
+
+
+class ProviderRegistry:
+    def __init__(self) -> None:
+        self.providers: dict[str, Any] = {}
+        self._routes: dict[str, Route] = {}
+
+    def register(self, provider: Any) -> None:
+        """The ``register`` callback of the `register_providers` hook."""
+        if not isinstance(provider, Provider):
+            raise TypeError(f"{provider!r} is not a provider: it needs name, list_models() and stream(request)")
+        if provider.name in self.providers:
+            raise ValueError(f"a provider named {provider.name!r} is already registered")
+        self.providers[provider.name] = provider
+
+    async def refresh(self) -> None:
+        """Ask every provider for its models; the first provider to claim a name wins."""
+        routes: dict[str, Route] = {}
+        for provider in self.providers.values():
+            for model in await provider.list_models():
+                if model.id in routes:
+                    log.warning(
+                        "model %r of provider %r is shadowed by provider %r",
+                        model.id,
+                        provider.name,
+                        routes[model.id].provider.name,
+                    )
+                    continue
+                routes[model.id] = Route(provider, model)
+        self._routes = routes
+
+    def resolve(self, model: str) -> Route:
+        route = self._routes.get(model)
+        if route is None:
+            known = ", ".join(sorted(self._routes)) or "none are configured"
+            raise ModelNotFound(f"The model '{model}' does not exist. Available models: {known}.", param="model")
+        return route
+
+    def models(self) -> list[ModelInfo]:
+        return [route.model for route in self._routes.values()]
+
+    async def aclose(self) -> None:
+        for provider in self.providers.values():
+            close = getattr(provider, "aclose", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:
+                    log.exception("provider %r failed to close", provider.name)

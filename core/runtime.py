@@ -1,0 +1,177 @@
+"""The runtime: owner of the root nursery, the supervisor tree and every session.
+
+`Runtime.open(config)` loads the configured plugins, collects what they register
+(providers, middleware, chunk transformers, services, event listeners), starts the
+supervisor with the service actors, calls the `startup` hooks and yields the
+running runtime. Leaving the context stops live sessions, waits for them within
+the shutdown grace period, calls the `shutdown` hooks and cancels everything
+left: when `open` returns, no task of the runtime is running.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
+
+import attrs
+import trio
+
+from streamvisor.config import StreamvisorConfig
+from streamvisor.hooks import PluginHost
+
+from .chat import ChatRequest, Delta
+from .errors import Overloaded
+from .events import EventDispatcher
+from .providers import ProviderRegistry
+from .sessions import Session, SessionActor, SessionRegistry, StreamFn, Transformer, new_id
+from .supervisor import ChildSpec, Restart, Supervisor
+
+log = logging.getLogger("streamvisor.runtime")
+
+Middleware = Callable[[ChatRequest, StreamFn], AsyncIterator[Delta]]
+
+
+@attrs.frozen
+class PluginRoute:
+    plugin: str
+    path: str
+    view: Callable[..., Any]
+    methods: tuple[str, ...]
+
+
+def compose(middlewares: list[Middleware], endpoint: StreamFn) -> StreamFn:
+    """Wrap `endpoint` so that the first middleware is outermost."""
+    stream = endpoint
+    for middleware in reversed(middlewares):
+        stream = _bind(middleware, stream)
+    return stream
+
+
+def _bind(middleware: Middleware, call_next: StreamFn) -> StreamFn:
+    def stream(request: ChatRequest) -> AsyncIterator[Delta]:
+        return middleware(request, call_next)
+
+    return stream
+
+
+class Runtime:
+    def __init__(self, config: StreamvisorConfig, host: PluginHost) -> None:
+        server = config.server
+        self.config = config
+        self.plugins = host
+        self.providers = ProviderRegistry()
+        self.events = EventDispatcher(server.event_queue_size)
+        self.sessions = SessionRegistry(server.session_retention_seconds)
+        self.supervisor = Supervisor("root", intensity=server.restart_intensity, period=server.restart_period_seconds)
+        self.middlewares: list[Middleware] = []
+        self.transformers: list[Transformer] = []
+        self.routes: list[PluginRoute] = []
+        self.max_live_sessions = server.max_live_sessions
+        self._nursery: trio.Nursery | None = None
+
+    # -- life cycle -----------------------------------------------------------
+
+    @classmethod
+    @asynccontextmanager
+    async def open(cls, config: StreamvisorConfig, *, plugins: dict[str, Any] | None = None) -> AsyncIterator["Runtime"]:
+        """Start a runtime for `config`; `plugins` maps names to plugin objects used
+        instead of looking the names up (the table in `config` still decides
+        whether they run)."""
+        runtime = cls(config, PluginHost.from_config(config, plugins))
+        await runtime._register()
+        async with trio.open_nursery() as nursery:
+            runtime._nursery = nursery
+            await nursery.start(runtime.supervisor.run)
+            try:
+                await runtime.plugins.call("startup", runtime=runtime)
+                await runtime.providers.refresh()
+                yield runtime
+            finally:
+                with trio.CancelScope(shield=True):
+                    await runtime._stop(config.server.shutdown_grace_seconds)
+                nursery.cancel_scope.cancel()
+
+    async def _register(self) -> None:
+        host = self.plugins
+        await host.call("register_providers", register=self.providers.register)
+
+        def add_middleware(middleware: Middleware) -> None:
+            self.middlewares.append(middleware)
+
+        def add_transformer(transform: Transformer) -> None:
+            self.transformers.append(transform)
+
+        await host.call("register_middleware", register=add_middleware)
+        await host.call("register_chunk_transformers", register=add_transformer)
+        for call in host.implementations("register_routes"):
+
+            def add_route(path: str, view: Callable[..., Any], methods: tuple[str, ...] | list[str] = ("GET",), *, _plugin: str = call.plugin_name) -> None:
+                self.routes.append(PluginRoute(_plugin, path, view, tuple(methods)))
+
+            await _maybe_await(call(register=add_route))
+        for call in host.implementations("register_services"):
+
+            def add_service(name: str, run: Callable[[], Any], restart: str = "permanent", *, _plugin: str = call.plugin_name) -> None:
+                self.supervisor.start_child(ChildSpec(f"{_plugin}:{name}", run, Restart(restart)))
+
+            await _maybe_await(call(register=add_service))
+        for call in host.implementations("on_event"):
+            self.events.add_listener(call.plugin_name, _listener(call))
+        self.supervisor.start_child(ChildSpec("session-janitor", self.sessions.janitor))
+        for name, run in self.events.services():
+            self.supervisor.start_child(ChildSpec(name, run))
+
+    async def _stop(self, grace: float) -> None:
+        with trio.move_on_after(grace):
+            try:
+                await self.plugins.call("shutdown", runtime=self)
+            except Exception:
+                log.exception("a shutdown hook failed")
+        live = [s for s in self.sessions.sessions.values() if not s.finished]
+        for session in live:
+            session.cancel("shutdown")
+        with trio.move_on_after(grace):
+            for session in live:
+                await session.wait_done()
+        with trio.move_on_after(grace):
+            await self.providers.aclose()
+
+    # -- sessions -------------------------------------------------------------
+
+    def open_session(self, request: ChatRequest) -> Session:
+        """Resolve the model, register a session and start its actor."""
+        route = self.providers.resolve(request.model)
+        if self._nursery is None:
+            raise RuntimeError("the runtime is not running")
+        if self.sessions.live >= self.max_live_sessions:
+            raise Overloaded(f"The server is at its limit of {self.max_live_sessions} live sessions; retry shortly.")
+        session_id = new_id("sess_")
+        session = Session(
+            id=session_id,
+            request_id=request.request_id,
+            model=request.model,
+            provider=route.provider.name,
+            request=request,
+            max_chunks=self.config.server.max_session_chunks,
+        )
+        provider_request = attrs.evolve(request, model=route.target, session_id=session_id)
+        stream = compose(self.middlewares, route.provider.stream)
+        actor = SessionActor(session, stream, provider_request, self.transformers, self.events, self.sessions)
+        self.sessions.add(session)
+        self.events.emit("created", session)
+        self._nursery.start_soon(actor.run, name=f"session:{session_id}")
+        return session
+
+
+def _listener(call: Any) -> Callable[[Any], Any]:
+    def listen(event: Any) -> Any:
+        return call(event=event)
+
+    return listen
+
+
+async def _maybe_await(value: Any) -> Any:
+    if hasattr(value, "__await__"):
+        return await value
+    return value

@@ -1,0 +1,169 @@
+"""The plugin manager: which plugins run, in what order, with which settings.
+
+A plugin runs only when plugins.toml names it. The name is looked up first among
+the built-ins (`BUILTIN_PLUGINS`), then in the entry-point group `streamvisor`, so a
+third-party package is enabled exactly like a built-in. A plugin is either a module
+of hook implementations, or a class whose instances carry them; a class may declare
+its settings as an attrs class in a `Settings` attribute, and is then constructed
+with the validated settings of its table.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import logging
+from typing import Any, Callable, Iterator
+
+import attrs
+import pluggy
+
+from streamvisor.config import ConfigError, StreamvisorConfig, build_settings
+
+from . import specs
+from .markers import PROJECT
+
+log = logging.getLogger("streamvisor.plugins")
+
+ENTRY_POINT_GROUP = "streamvisor"
+
+#: Built-in plugins by the name plugins.toml gives them.
+BUILTIN_PLUGINS: dict[str, str] = {
+    "local": "streamvisor.plugins.local:LocalPlugin",
+    "openai": "streamvisor.plugins.openai_upstream:OpenAIPlugin",
+    "scripted": "streamvisor.plugins.scripted:ScriptedPlugin",
+}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("streamvisor")
+    except importlib.metadata.PackageNotFoundError:  # running from a bare checkout
+        return "0+unknown"
+
+
+@attrs.define
+class LoadedPlugin:
+    name: str
+    version: str
+    origin: str  # "built-in" or the distribution that provides the entry point
+    plugin: Any
+    order: int
+    settings: Any = None
+
+    @property
+    def hooks(self) -> list[str]:
+        names = []
+        for attr in dir(self.plugin):
+            fn = getattr(self.plugin, attr, None)
+            if callable(fn) and hasattr(fn, f"{PROJECT}_impl"):
+                names.append(attr)
+        return sorted(names)
+
+
+@attrs.frozen
+class HookCall:
+    """One plugin's implementation of one hook, ready to call with keyword args."""
+
+    plugin_name: str
+    function: Callable[..., Any]
+    argnames: tuple[str, ...]
+
+    def __call__(self, **kwargs: Any) -> Any:
+        return self.function(*[kwargs[name] for name in self.argnames])
+
+
+class PluginHost:
+    """Loads the configured plugins into a pluggy manager and calls their hooks in
+    plugins.toml order."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(PROJECT)
+        self.pm.add_hookspecs(specs)
+        self.plugins: dict[str, LoadedPlugin] = {}
+
+    # -- loading -----------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: StreamvisorConfig, extra: dict[str, Any] | None = None) -> "PluginHost":
+        """Load every enabled plugin named in `config`.
+
+        `extra` maps names to plugin objects or classes that are used instead of a
+        lookup (tests register plugins this way; they still need a table in the
+        config to run).
+        """
+        host = cls()
+        extra = extra or {}
+        entry_points = {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+        for entry in config.plugins:
+            if not entry.enabled:
+                continue
+            key = f"plugins.{entry.name}"
+            if entry.name in extra:
+                target, version, origin = extra[entry.name], _version(), "registered"
+            elif entry.name in BUILTIN_PLUGINS:
+                target, version, origin = _import(BUILTIN_PLUGINS[entry.name]), _version(), "built-in"
+            elif entry.name in entry_points:
+                ep = entry_points[entry.name]
+                try:
+                    target = ep.load()
+                except Exception as exc:
+                    raise ConfigError(config.source, key, f"an importable plugin ({ep.value})", f"{type(exc).__name__}: {exc}") from exc
+                dist = ep.dist
+                version = dist.version if dist else "unknown"
+                origin = dist.metadata["Name"] if dist else "entry point"
+            else:
+                known = sorted(set(BUILTIN_PLUGINS) | set(entry_points))
+                raise ConfigError(
+                    config.source,
+                    key,
+                    f"a built-in plugin or one installed in entry-point group '{ENTRY_POINT_GROUP}' ({', '.join(known)})",
+                    f"'{entry.name}', which is neither",
+                )
+            plugin, settings = _instantiate(target, entry.settings, config.source, key)
+            host.pm.register(plugin, name=entry.name)
+            host.plugins[entry.name] = LoadedPlugin(entry.name, version, origin, plugin, entry.order, settings)
+        return host
+
+    # -- calling -----------------------------------------------------------------
+
+    def implementations(self, hook_name: str) -> list[HookCall]:
+        """The implementations of `hook_name`, in plugins.toml order."""
+        hook = getattr(self.pm.hook, hook_name)
+        order = {name: p.order for name, p in self.plugins.items()}
+        impls = sorted(hook.get_hookimpls(), key=lambda impl: order.get(impl.plugin_name, 1 << 30))
+        return [HookCall(impl.plugin_name, impl.function, tuple(impl.argnames)) for impl in impls]
+
+    async def call(self, hook_name: str, **kwargs: Any) -> list[Any]:
+        """Call every implementation in order, awaiting awaitable results."""
+        results = []
+        for call in self.implementations(hook_name):
+            result = call(**kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+            results.append(result)
+        return results
+
+    def __iter__(self) -> Iterator[LoadedPlugin]:
+        return iter(sorted(self.plugins.values(), key=lambda p: p.order))
+
+
+def _import(path: str) -> Any:
+    module_name, _, attr = path.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attr) if attr else module
+
+
+def _instantiate(target: Any, table: dict[str, Any], source: str, key: str) -> tuple[Any, Any]:
+    if inspect.isclass(target):
+        settings_cls = getattr(target, "Settings", None)
+        if settings_cls is not None and attrs.has(settings_cls):
+            settings = build_settings(settings_cls, table, source=source, prefix=key)
+            return target(settings), settings
+        if table:
+            raise ConfigError(source, f"{key}.{next(iter(table))}", "no settings (this plugin takes none)", "a setting")
+        return target(), None
+    if table:
+        raise ConfigError(source, f"{key}.{next(iter(table))}", "no settings (this plugin takes none)", "a setting")
+    return target, None

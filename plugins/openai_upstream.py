@@ -1,0 +1,195 @@
+"""The `openai` provider: any OpenAI-compatible server as an upstream.
+
+vLLM, llama.cpp's server, Ollama or a hosted API: each upstream has a base URL, an
+API key (usually `${NAME}` from the environment), explicit timeouts and a pooled
+httpx client. Its models are the configured names and aliases, or, when none are
+configured, whatever its `/models` lists at start-up.
+
+Every call streams from the upstream (with `include_usage`), whether the client
+asked for a stream or not, so one code path serves both and usage is exact when
+the upstream reports it. Cancelling the session exits the `client.stream` block,
+which closes the upstream connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, AsyncIterator
+
+import attrs
+import httpx
+import orjson
+
+from streamvisor.core.chat import ChatRequest, Delta, Usage
+from streamvisor.core.errors import APIError, RateLimited, UpstreamError, UpstreamTimeout
+from streamvisor.core.providers import ModelInfo
+from streamvisor.hooks import hookimpl
+
+log = logging.getLogger("streamvisor.plugins.openai")
+
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{attribute.name} must be greater than 0, got {value}")
+
+
+@attrs.frozen
+class Upstream:
+    base_url: str
+    name: str = "upstream"
+    api_key: str = ""
+    #: Model names served as they are.
+    models: list[str] = attrs.field(factory=list)
+    #: Names clients use, mapped to the upstream's model names.
+    aliases: dict[str, str] = attrs.field(factory=dict)
+    #: List the upstream's /models at start-up when no models or aliases are given.
+    discover: bool = True
+    connect_timeout: float = attrs.field(default=5.0, validator=_positive)
+    #: Longest wait for the next bytes of a response (the gap between chunks).
+    read_timeout: float = attrs.field(default=120.0, validator=_positive)
+    write_timeout: float = attrs.field(default=30.0, validator=_positive)
+    pool_timeout: float = attrs.field(default=10.0, validator=_positive)
+    max_connections: int = attrs.field(default=512, validator=_positive)
+    headers: dict[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class Settings:
+    upstreams: list[Upstream] = attrs.field(factory=list)
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return body[:500].decode("utf-8", "replace").strip() or "(empty body)"
+    if isinstance(data, dict):
+        error = data.get("error", data)
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return error["message"]
+        if isinstance(error, str):
+            return error
+    return str(data)[:500]
+
+
+def _usage(data: dict[str, Any]) -> Usage:
+    details = data.get("completion_tokens_details") or {}
+    return Usage(
+        prompt_tokens=int(data.get("prompt_tokens") or 0),
+        completion_tokens=int(data.get("completion_tokens") or 0),
+        reasoning_tokens=int(details.get("reasoning_tokens") or 0),
+    )
+
+
+class OpenAIUpstream:
+    """One OpenAI-compatible upstream, registered as a provider named after it."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.name = upstream.name
+        headers = {"Accept": "text/event-stream", **upstream.headers}
+        if upstream.api_key:
+            headers["Authorization"] = f"Bearer {upstream.api_key}"
+        self.client = httpx.AsyncClient(
+            base_url=upstream.base_url.rstrip("/") + "/",
+            headers=headers,
+            timeout=httpx.Timeout(
+                connect=upstream.connect_timeout,
+                read=upstream.read_timeout,
+                write=upstream.write_timeout,
+                pool=upstream.pool_timeout,
+            ),
+            limits=httpx.Limits(max_connections=upstream.max_connections, max_keepalive_connections=upstream.max_connections),
+        )
+
+    async def list_models(self) -> list[ModelInfo]:
+        upstream = self.upstream
+        models = [ModelInfo(m, owned_by=self.name) for m in upstream.models]
+        models += [ModelInfo(alias, target=target, owned_by=self.name) for alias, target in upstream.aliases.items()]
+        if models or not upstream.discover:
+            return models
+        try:
+            response = await self.client.get("models")
+            response.raise_for_status()
+            data = response.json().get("data", [])
+            return [ModelInfo(str(m["id"]), owned_by=self.name) for m in data if isinstance(m, dict) and "id" in m]
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            log.warning("could not list the models of upstream %r at %s: %s", self.name, upstream.base_url, exc)
+            return []
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
+        body = request.to_openai()
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+        try:
+            async with self.client.stream("POST", "chat/completions", content=orjson.dumps(body), headers={"Content-Type": "application/json"}) as response:
+                if response.status_code >= 400:
+                    raise await self._status_error(response)
+                async for line in response.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    delta = self._delta(data)
+                    if delta is not None:
+                        yield delta
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(f"Upstream '{self.name}' timed out ({type(exc).__name__}).") from exc
+        except httpx.TransportError as exc:
+            raise UpstreamError(f"Upstream '{self.name}' is unreachable or broke the connection ({type(exc).__name__}: {exc}).") from exc
+
+    def _delta(self, data: str) -> Delta | None:
+        try:
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            raise UpstreamError(f"Upstream '{self.name}' sent a chunk that is not JSON.") from None
+        if "error" in chunk:
+            raise UpstreamError(f"Upstream '{self.name}' failed mid-stream: {_error_message(data.encode())}")
+        usage = chunk.get("usage")
+        choices = chunk.get("choices") or ()
+        if not choices:
+            return Delta(usage=_usage(usage)) if usage else None
+        choice = choices[0]
+        delta = choice.get("delta") or {}
+        return Delta(
+            content=delta.get("content"),
+            reasoning=delta.get("reasoning_content") or delta.get("reasoning"),
+            role=delta.get("role"),
+            tool_calls=delta.get("tool_calls"),
+            finish_reason=choice.get("finish_reason"),
+            usage=_usage(usage) if usage else None,
+        )
+
+    async def _status_error(self, response: httpx.Response) -> APIError:
+        body = b""
+        async for part in response.aiter_bytes():
+            body += part
+            if len(body) >= _ERROR_BODY_LIMIT:
+                break
+        message = f"Upstream '{self.name}' answered {response.status_code}: {_error_message(body)}"
+        status = response.status_code
+        if status == 429:
+            retry_after = response.headers.get("Retry-After")
+            return RateLimited(message, headers={"Retry-After": retry_after} if retry_after else None)
+        if status in (400, 404, 409, 413, 422):
+            # The request itself was refused: the client can act on that.
+            return APIError(message, status=status, code="upstream_rejected_request")
+        return UpstreamError(message)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+class OpenAIPlugin:
+    Settings = Settings
+
+    def __init__(self, settings: Settings) -> None:
+        self.providers = [OpenAIUpstream(u) for u in settings.upstreams]
+
+    @hookimpl
+    def register_providers(self, register):
+        for provider in self.providers:
+            register(provider)
