@@ -21,6 +21,7 @@ import trio
 from streamvisor.config import ConfigError, StreamvisorConfig, load_config
 
 from .logs import configure
+from .sessions import unwrap
 
 log = logging.getLogger("streamvisor")
 
@@ -64,11 +65,23 @@ def build_config(args: argparse.Namespace) -> StreamvisorConfig:
 # -- serve ---------------------------------------------------------------------
 
 
-async def serve(config: StreamvisorConfig, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED, shutdown: trio.Event | None = None) -> None:
+@attrs.frozen
+class Listening:
+    url: str
+    runtime: Any
+
+
+async def serve(
+    config: StreamvisorConfig,
+    *,
+    task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
+    shutdown: trio.Event | None = None,
+    plugins: dict[str, Any] | None = None,
+) -> None:
     """Run the runtime and the HTTP server until `shutdown` is set (or cancelled).
 
-    Reports the base URL it listens on through `task_status` (the port may be 0,
-    meaning any free one).
+    Reports where it listens, and the runtime, through `task_status` (the port
+    may be 0, meaning any free one).
     """
     from hypercorn.config import Config as HypercornConfig
     from hypercorn.trio import serve as hypercorn_serve
@@ -78,7 +91,7 @@ async def serve(config: StreamvisorConfig, *, task_status: trio.TaskStatus[str] 
 
     if shutdown is None:
         shutdown = trio.Event()
-    async with Runtime.open(config) as runtime:
+    async with Runtime.open(config, plugins=plugins) as runtime:
         app = create_app(runtime)
         hconfig = HypercornConfig()
         host = config.server.host
@@ -92,7 +105,7 @@ async def serve(config: StreamvisorConfig, *, task_status: trio.TaskStatus[str] 
             url = binds[0].replace("0.0.0.0", "127.0.0.1")
             models = ", ".join(m.id for m in runtime.providers.models()) or "none"
             log.info("streamvisor listening on %s (models: %s)", url, models)
-            task_status.started(url)
+            task_status.started(Listening(url, runtime))
 
 
 async def _serve_until_signal(config: StreamvisorConfig) -> None:
@@ -271,11 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except ConfigError as exc:
-        print(f"streamvisor: configuration error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        # Start-up errors surface from inside nurseries, wrapped in groups.
+        inner = unwrap(exc)
+        if isinstance(inner, ConfigError):
+            print(f"streamvisor: configuration error: {inner}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

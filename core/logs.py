@@ -13,16 +13,22 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 session_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="-")
 
 
-class ContextFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.request_id = request_id_var.get()
-        record.session_id = session_id_var.get()
-        return True
+_base_factory = logging.getLogRecordFactory()
+
+
+def _record_with_ids(*args: object, **kwargs: object) -> logging.LogRecord:
+    record = _base_factory(*args, **kwargs)
+    record.request_id = request_id_var.get()
+    record.session_id = session_id_var.get()
+    return record
+
+
+# Every record, from any logger and any handler, carries the ids.
+logging.setLogRecordFactory(_record_with_ids)
 
 
 def configure(level: str = "info") -> None:
     handler = logging.StreamHandler()
-    handler.addFilter(ContextFilter())
     handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)-7s %(name)s request_id=%(request_id)s session_id=%(session_id)s %(message)s")
     )

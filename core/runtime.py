@@ -137,6 +137,12 @@ class Runtime:
         with trio.move_on_after(grace):
             await self.providers.aclose()
 
+    def task_names(self) -> list[str]:
+        """Names of the tasks the runtime's root nursery runs (sessions, supervisor)."""
+        if self._nursery is None:
+            return []
+        return sorted(task.name for task in self._nursery.child_tasks)
+
     # -- sessions -------------------------------------------------------------
 
     def open_session(self, request: ChatRequest) -> Session:

@@ -1,0 +1,89 @@
+"""streamvisor-example-plugin: a complete third-party streamvisor plugin.
+
+It is installed like any package and announces itself in the entry-point group
+``streamvisor`` (see its pyproject.toml)::
+
+    [project.entry-points.streamvisor]
+    example = "streamvisor_example_plugin:ExamplePlugin"
+
+Installed code runs only when plugins.toml names it; the table's keys are the
+fields of `ExamplePlugin.Settings`, checked against their types at start-up::
+
+    [plugins.example]
+    greeting = "Howdy"          # default "Hello"
+    model = "example-reverse"   # the model name clients ask for
+
+It adds:
+
+* a model that streams the last user message reversed, prefixed by the greeting,
+  one word per chunk, with exact usage (a token is a word here);
+* ``GET /example/hello``, which answers ``{"plugin": "example", "greeting": ...}``.
+
+It uses only the public contract: `streamvisor.hooks.hookimpl` and the types of
+`streamvisor.core.chat`, `streamvisor.core.providers` and `streamvisor.core.errors`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, AsyncIterator
+
+import attrs
+
+from streamvisor.core.chat import ChatRequest, Delta, Usage, message_text
+from streamvisor.core.errors import InvalidRequest
+from streamvisor.core.providers import ModelInfo
+from streamvisor.hooks import hookimpl
+
+_WORDS = re.compile(r"\s*\S+")  # a word with the whitespace before it
+
+
+@attrs.frozen
+class Settings:
+    greeting: str = "Hello"
+    model: str = "example-reverse"
+
+
+class ReverseProvider:
+    """A provider: a `name`, `list_models()` and a `stream(request)` of `Delta`s."""
+
+    name = "example"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    async def list_models(self) -> list[ModelInfo]:
+        return [ModelInfo(self.settings.model, owned_by="example")]
+
+    async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
+        users = [m for m in request.messages if m.get("role") == "user"]
+        if not users:
+            # An APIError raised before the first delta is the client's error response.
+            raise InvalidRequest("the example model needs a user message", param="messages")
+        words = _WORDS.findall(f"{self.settings.greeting} {message_text(users[-1])[::-1]}")
+        prompt_tokens = sum(len(_WORDS.findall(message_text(m))) for m in request.messages)
+        limit = request.max_tokens or len(words)
+        for sent, word in enumerate(words[:limit], start=1):
+            # Usage is cumulative; the last one seen is what the session records.
+            yield Delta(content=word, usage=Usage(prompt_tokens, sent))
+        yield Delta(finish_reason="length" if limit < len(words) else "stop")
+
+
+class ExamplePlugin:
+    """Constructed by streamvisor with the validated `[plugins.example]` table."""
+
+    Settings = Settings
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @hookimpl
+    def register_providers(self, register):
+        register(ReverseProvider(self.settings))
+
+    @hookimpl
+    def register_routes(self, register):
+        async def hello() -> dict[str, Any]:
+            return {"plugin": "example", "greeting": self.settings.greeting}  # quart sends a dict as JSON
+
+        register("/example/hello", hello)

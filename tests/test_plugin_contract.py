@@ -1,0 +1,169 @@
+"""The hook contract from a plugin's side: observation, middleware, transformers,
+sync and async hooks, and plugins.toml order."""
+
+from __future__ import annotations
+
+import json
+
+import attrs
+import trio
+
+from streamvisor.core.chat import Delta
+from streamvisor.hooks import hookimpl
+
+from .conftest import SCRIPTED, start_server
+
+
+def _stream_payloads(server, model="fox"):
+    """The chunk objects of one streamed completion, minus the per-request ids."""
+    with server.http() as http:
+        body = http.post(
+            "/v1/chat/completions",
+            json={"model": model, "stream": True, "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": "go"}]},
+        ).text
+    events = [e for e in body.split("\n\n") if e]
+    out = []
+    for event in events:
+        lines = event.splitlines()
+        data = lines[-1].removeprefix("data: ")
+        if data == "[DONE]":
+            out.append(data)
+            continue
+        chunk = json.loads(data)
+        chunk.pop("id"), chunk.pop("created")
+        out.append((lines[0], chunk))
+    return out
+
+
+class Recorder:
+    def __init__(self):
+        self.events = []
+
+    @hookimpl
+    def on_event(self, event):
+        self.events.append(event)
+
+
+class Raiser:
+    @hookimpl
+    def on_event(self, event):
+        raise RuntimeError(f"listener bug on {event.type}")
+
+
+class AsyncRaiser:
+    @hookimpl
+    async def on_event(self, event):
+        await trio.sleep(0)
+        raise ValueError("async listener bug")
+
+
+class Hanger:
+    @hookimpl
+    async def on_event(self, event):
+        await trio.sleep_forever()
+
+
+def test_listeners_that_raise_or_hang_leave_streams_byte_identical():
+    with start_server(SCRIPTED) as plain:
+        expected = _stream_payloads(plain)
+    toml = SCRIPTED + "\n[plugins.raiser]\n[plugins.async-raiser]\n[plugins.hanger]\n"
+    plugins = {"raiser": Raiser(), "async-raiser": AsyncRaiser(), "hanger": Hanger()}
+    with start_server(toml, plugins=plugins, event_queue_size=4) as server:
+        for _ in range(3):
+            assert _stream_payloads(server) == expected
+        reply = server.openai().chat.completions.create(model="fox", messages=[{"role": "user", "content": "go"}])
+        assert reply.choices[0].message.content == "The quick brown fox jumps over the lazy dog."
+        stats = {s.plugin: s for s in server.call(lambda: server.runtime.events.stats)}
+    assert stats["raiser"].errors > 10 and stats["raiser"].delivered == 0
+    assert stats["async-raiser"].errors > 10
+    assert stats["hanger"].dropped > 10  # its queue of 4 filled up; drops are counted
+    assert stats["hanger"].errors == 0
+
+
+def test_events_follow_the_session_life_cycle():
+    recorder = Recorder()
+    with start_server(SCRIPTED + "\n[plugins.recorder]\n", plugins={"recorder": recorder}) as server:
+        client = server.openai()
+        client.chat.completions.create(model="fox", messages=[{"role": "user", "content": "go"}])
+        try:
+            client.chat.completions.create(model="broken", messages=[{"role": "user", "content": "go"}])
+        except Exception:
+            pass
+        server.wait_for(lambda: sum(e.type in ("completed", "failed") for e in recorder.events) == 2)
+    by_session = {}
+    for event in recorder.events:
+        by_session.setdefault(event.session_id, []).append(event)
+    completed, failed = sorted(by_session.values(), key=lambda evs: evs[-1].type)
+    types = [e.type for e in completed]
+    assert types[:3] == ["created", "started", "first_token"]
+    assert types.count("chunk") == 10  # nine words and the finish chunk
+    assert types[-1] == "completed"
+    assert completed[-1].data["usage"]["completion_tokens"] == 9
+    assert completed[-1].model == "fox" and completed[-1].provider == "scripted"
+    assert completed[0].request_id
+    assert [e.type for e in failed] == ["created", "started", "failed"]
+    assert "scripted failure" in failed[-1].data["error"]
+
+
+def _tag(tag):
+    async def middleware(request, call_next):
+        yield Delta(content=f"<{tag}>")
+        async for delta in call_next(request):
+            if delta.finish_reason:
+                yield Delta(content=f"</{tag}>")
+            yield delta
+
+    return middleware
+
+
+class Tagger:
+    def __init__(self, tag):
+        self.tag = tag
+
+    @hookimpl
+    def register_middleware(self, register):
+        register(_tag(self.tag))
+
+
+class AsyncShouter:
+    """An async registration hook and a chunk transformer."""
+
+    @hookimpl
+    async def register_chunk_transformers(self, register):
+        await trio.sleep(0)
+
+        def shout(delta, session):
+            if delta.content and "fox" in delta.content:
+                return None  # dropped
+            return attrs.evolve(delta, content=delta.content.upper()) if delta.content else delta
+
+        register(shout)
+
+
+def test_middleware_composes_in_plugins_toml_order_and_transformers_apply():
+    toml = SCRIPTED + "\n[plugins.outer]\n[plugins.inner]\n[plugins.shouter]\n"
+    plugins = {"outer": Tagger("a"), "inner": Tagger("b"), "shouter": AsyncShouter()}
+    with start_server(toml, plugins=plugins) as server:
+        reply = server.openai().chat.completions.create(model="fox", messages=[{"role": "user", "content": "go"}])
+    assert reply.choices[0].message.content == "<A><B>THE QUICK BROWN JUMPS OVER THE LAZY DOG.</B></A>"
+
+
+class Lifecycle:
+    def __init__(self):
+        self.calls = []
+
+    @hookimpl
+    async def startup(self, runtime):
+        await trio.sleep(0)
+        self.calls.append(("startup", sorted(runtime.providers.providers)))
+
+    @hookimpl
+    def shutdown(self, runtime):
+        self.calls.append(("shutdown", runtime.sessions.live))
+
+
+def test_lifecycle_hooks_run_once_each_sync_or_async():
+    plugin = Lifecycle()
+    with start_server(SCRIPTED + "\n[plugins.life]\n", plugins={"life": plugin}):
+        assert plugin.calls == [("startup", ["scripted"])]
+    assert plugin.calls == [("startup", ["scripted"]), ("shutdown", 0)]
