@@ -1,0 +1,130 @@
+"""The `streamvisor` command as a user runs it: real processes, real ports."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import openai
+import pytest
+
+from .conftest import SCRIPTED, require_local_model, start_server
+
+ROOT = Path(__file__).resolve().parent.parent
+STREAMVISOR = [sys.executable, "-m", "streamvisor.core.cli"]
+
+
+def run(*args, cwd=ROOT, timeout=120, env=None):
+    return subprocess.run([*STREAMVISOR, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+class ServeProcess:
+    """`streamvisor serve` in a child process; the URL is read from its log."""
+
+    def __init__(self, *args, cwd=ROOT, env=None, timeout=180):
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [*STREAMVISOR, "serve", "--port", "0", *args],
+            cwd=cwd,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        deadline = time.monotonic() + timeout
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            found = re.search(r"listening on (http://\S+)", line)
+            if found:
+                self.url = found.group(1)
+                return
+            if time.monotonic() > deadline:
+                break
+        self.stop()
+        raise AssertionError("serve did not come up:\n" + "".join(self.lines))
+
+    def stop(self, timeout=30):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            rest, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
+        self.lines.append(rest or "")
+        return self.proc.returncode
+
+
+def test_plugins_lists_loaded_plugins_with_versions_and_hooks():
+    result = run("plugins")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["name", "version", "from", "hooks"]
+    assert re.match(r"local\s+0\.1\.0\s+built-in\s+register_providers, startup$", lines[1])
+    assert lines[-1] == "disabled in plugins.toml: openai, scripted"
+
+
+def test_chat_streams_a_completion_to_the_terminal(tmp_path):
+    config = tmp_path / "plugins.toml"
+    config.write_text(SCRIPTED)
+    result = run("chat", "hello there", "-c", str(config), "-m", "echo", "--usage")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello there\n"
+    assert "[echo: 2 prompt + 2 completion tokens, finish_reason=stop]" in result.stderr
+    failed = run("chat", "x", "-c", str(config), "-m", "broken")
+    assert failed.returncode == 1 and "error: scripted failure" in failed.stderr
+    missing = run("chat", "x", "-c", str(config), "-m", "nope")
+    assert missing.returncode != 0 and "nope" in missing.stderr
+
+
+def test_chat_against_a_running_server():
+    with start_server(SCRIPTED) as server:
+        result = run("chat", "ignored", "--url", server.base, "-m", "fox")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "The quick brown fox jumps over the lazy dog.\n"
+
+
+def test_serve_upstream_needs_no_config_file(tmp_path):
+    with start_server(SCRIPTED) as upstream:
+        env = {**os.environ, "MY_KEY": "sk-abc"}
+        serve = ServeProcess("--upstream", upstream.base, "--api-key-env", "MY_KEY", cwd=tmp_path, env=env)
+        try:
+            client = openai.OpenAI(base_url=serve.url + "/v1", api_key="x", max_retries=0)
+            with client:
+                assert {"fox", "echo"} <= {m.id for m in client.models.list()}
+                stream = client.chat.completions.create(model="fox", messages=[{"role": "user", "content": "x"}], stream=True)
+                assert "".join(c.choices[0].delta.content or "" for c in stream) == "The quick brown fox jumps over the lazy dog."
+        finally:
+            code = serve.stop()
+    assert code == 0, "".join(serve.lines)
+    assert any("shutting down" in line for line in serve.lines)
+
+
+def test_serve_without_any_config_says_what_it_needs(tmp_path):
+    result = run("serve", "--port", "0", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "plugins.toml" in result.stderr and "--upstream" in result.stderr
+
+
+@pytest.mark.local_model
+def test_first_start_assembles_the_model_with_progress_then_serves(tmp_path):
+    require_local_model()
+    env = {**os.environ, "STREAMVISOR_CACHE": str(tmp_path / "cache")}
+    serve = ServeProcess(env=env)
+    try:
+        log = "".join(serve.lines)
+        assert len(re.findall(r"assembling the packaged model: \d+% \(\d+/241 MiB\)", log)) >= 8
+        assert "assembling the packaged model: 100%" in log
+        assert re.search(r"model 'gemma-3-270m' ready in", log)
+        assert "(models: gemma-3-270m, local)" in log
+        with openai.OpenAI(base_url=serve.url + "/v1", api_key="x", max_retries=0) as client:
+            reply = client.chat.completions.create(model="local", messages=[{"role": "user", "content": "Hi"}], max_tokens=5)
+            assert reply.usage.completion_tokens >= 1
+    finally:
+        assert serve.stop() == 0
+    assert list((tmp_path / "cache").iterdir()) == [tmp_path / "cache" / "gemma-3-270m-q4_k_m.gguf"]
