@@ -10,6 +10,7 @@ left: when `open` returns, no task of the runtime is running.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable
@@ -123,11 +124,16 @@ class Runtime:
             self.supervisor.start_child(ChildSpec(name, run))
 
     async def _stop(self, grace: float) -> None:
-        with trio.move_on_after(grace):
-            try:
-                await self.plugins.call("shutdown", runtime=self)
-            except Exception:
-                log.exception("a shutdown hook failed")
+        # Each plugin's shutdown hook runs on its own, within the grace period:
+        # one that fails or hangs does not keep the others from running.
+        for call in self.plugins.implementations("shutdown"):
+            with trio.move_on_after(grace) as scope:
+                try:
+                    await _maybe_await(call(runtime=self))
+                except Exception:
+                    log.exception("the shutdown hook of plugin %r failed", call.plugin_name)
+            if scope.cancelled_caught:
+                log.warning("the shutdown hook of plugin %r did not finish within %g s", call.plugin_name, grace)
         live = [s for s in self.sessions.sessions.values() if not s.finished]
         for session in live:
             session.cancel("shutdown")
@@ -153,6 +159,7 @@ class Runtime:
         if self.sessions.live >= self.max_live_sessions:
             raise Overloaded(f"The server is at its limit of {self.max_live_sessions} live sessions; retry shortly.")
         session_id = new_id("sess_")
+        request = attrs.evolve(request, session_id=session_id)
         session = Session(
             id=session_id,
             request_id=request.request_id,
@@ -161,13 +168,22 @@ class Runtime:
             request=request,
             max_chunks=self.config.server.max_session_chunks,
         )
-        provider_request = attrs.evolve(request, model=route.target, session_id=session_id)
-        stream = compose(self.middlewares, route.provider.stream)
-        actor = SessionActor(session, stream, provider_request, self.transformers, self.events, self.sessions)
+        stream = compose(self.middlewares, self._provider_stream)
+        actor = SessionActor(session, stream, request, self.transformers, self.events, self.sessions)
         self.sessions.add(session)
         self.events.emit("created", session)
         self._nursery.start_soon(actor.run, name=f"session:{session_id}")
         return session
+
+
+    def _provider_stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
+        """The innermost stream: route by the request's model, at call time.
+
+        Middleware sees the model name the client used; one that changes it (a
+        fallback) reaches whichever provider serves the new name.
+        """
+        route = self.providers.resolve(request.model)
+        return route.provider.stream(attrs.evolve(request, model=route.target))
 
 
 def _listener(call: Any) -> Callable[[Any], Any]:
@@ -178,6 +194,6 @@ def _listener(call: Any) -> Callable[[Any], Any]:
 
 
 async def _maybe_await(value: Any) -> Any:
-    if hasattr(value, "__await__"):
+    if inspect.isawaitable(value):
         return await value
     return value

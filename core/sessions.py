@@ -21,7 +21,6 @@ import collections
 import logging
 import secrets
 import time
-from contextlib import aclosing
 from typing import Any, AsyncIterator, Callable
 
 import attrs
@@ -193,7 +192,8 @@ class SessionActor:
 
     async def _relay(self) -> None:
         session, events, transformers = self.session, self.events, self.transformers
-        async with aclosing(self.stream(self.request)) as stream:
+        stream = self.stream(self.request)
+        try:
             async for delta in stream:
                 if delta.usage is not None:
                     session.usage = delta.usage
@@ -215,6 +215,12 @@ class SessionActor:
                 session.append(delta)
                 if events.active:
                     events.emit("chunk", session, index=len(session.chunks) - 1)
+        finally:
+            # Close the provider's generator here, in this task, so that an
+            # upstream request is closed the moment the session is cancelled.
+            close = getattr(stream, "aclose", None)
+            if close is not None:
+                await close()
 
     def _fail(self, exc: BaseException) -> None:
         session = self.session
@@ -222,7 +228,7 @@ class SessionActor:
             session.error = exc
             log.warning("session %s failed: %s", session.id, exc.message)
         else:
-            session.error = InternalError("The provider failed unexpectedly.")
+            session.error = InternalError("The stream failed unexpectedly.")
             log.error("session %s failed", session.id, exc_info=exc)
 
     def _conclude(self) -> None:
@@ -251,8 +257,9 @@ class SessionActor:
         if self.events.active:
             usage = session.usage
             self.events.emit(
-                state if state != "shutdown" else "stopped",
+                "stopped" if state == "shutdown" else state,
                 session,
+                reason=session.cancel_reason,
                 finish_reason=session.finish_reason,
                 usage=usage.to_json(),
                 error=None if session.error is None else session.error.message,

@@ -122,9 +122,34 @@ class PluginHost:
                     f"'{entry.name}', which is neither",
                 )
             plugin, settings = _instantiate(target, entry.settings, config.source, key)
-            host.pm.register(plugin, name=entry.name)
+            try:
+                host.pm.register(plugin, name=entry.name)
+            except pluggy.PluginValidationError as exc:
+                raise ConfigError(config.source, key, "a plugin whose hooks match the contract", str(exc)) from None
             host.plugins[entry.name] = LoadedPlugin(entry.name, version, origin, plugin, entry.order, settings)
+        host._check(config.source)
         return host
+
+    def _check(self, source: str) -> None:
+        """Refuse what would otherwise be silently ignored: a hookimpl with a name
+        no hook has (a typo), and pluggy wrappers (the runtime composes
+        middleware itself; see register_middleware)."""
+        for name, loaded in self.plugins.items():
+            for hook_caller in self.pm.get_hookcallers(loaded.plugin) or ():
+                for impl in hook_caller.get_hookimpls():
+                    if impl.plugin_name == name and (impl.hookwrapper or impl.wrapper):
+                        raise ConfigError(
+                            source,
+                            f"plugins.{name}",
+                            f"plain hook implementations ({hook_caller.name} is a wrapper; use register_middleware to wrap the provider call)",
+                            "a pluggy wrapper",
+                        )
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            plugin = getattr(exc, "plugin", None)
+            name = self.pm.get_name(plugin) if plugin is not None else "?"
+            raise ConfigError(source, f"plugins.{name}", "hook implementations named after hooks of the contract", str(exc)) from None
 
     # -- calling -----------------------------------------------------------------
 

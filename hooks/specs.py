@@ -64,8 +64,11 @@ def register_services(register):
     """Add long-lived service actors, supervised one_for_one by the runtime.
 
     :param register: call ``register(name, run, restart="permanent")``; ``run`` is an
-        ``async def run()`` taking no arguments. A permanent service that crashes is
-        restarted and logged; too many crashes in the period stop the server.
+        ``async def run()`` taking no arguments. ``restart`` is "permanent" (always
+        restarted, even when it returns), "transient" (restarted only when it raised)
+        or "temporary" (never restarted). Restarts are logged and counted across all
+        of the root supervisor's children: more than ``[server] restart_intensity``
+        within ``restart_period_seconds`` stop the server.
     """
 
 

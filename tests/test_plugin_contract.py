@@ -167,3 +167,70 @@ def test_lifecycle_hooks_run_once_each_sync_or_async():
     with start_server(SCRIPTED + "\n[plugins.life]\n", plugins={"life": plugin}):
         assert plugin.calls == [("startup", ["scripted"])]
     assert plugin.calls == [("startup", ["scripted"]), ("shutdown", 0)]
+
+
+class Misspelled:
+    @hookimpl
+    def register_provider(self, register):  # the hook is register_providers
+        pass
+
+
+class Wrapper:
+    @hookimpl(wrapper=True)
+    def register_routes(self, register):
+        return (yield)
+
+
+def test_misspelled_hooks_and_wrappers_are_refused_at_start_up():
+    import pytest
+
+    from streamvisor.config import ConfigError
+    from streamvisor.hooks import PluginHost
+
+    from .conftest import make_config
+
+    with pytest.raises(ConfigError) as caught:
+        PluginHost.from_config(make_config("[plugins.typo]"), {"typo": Misspelled()})
+    assert "plugins.typo" in str(caught.value) and "register_provider" in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        PluginHost.from_config(make_config("[plugins.wrap]"), {"wrap": Wrapper()})
+    assert "plugins.wrap" in str(caught.value) and "register_middleware" in str(caught.value)
+
+
+class FailingShutdown:
+    @hookimpl
+    def shutdown(self, runtime):
+        raise RuntimeError("cannot flush")
+
+
+def test_a_failing_shutdown_hook_does_not_skip_the_others():
+    later = Lifecycle()
+    toml = SCRIPTED + "\n[plugins.failing]\n[plugins.life]\n"
+    with start_server(toml, plugins={"failing": FailingShutdown(), "life": later}):
+        pass
+    assert ("shutdown", 0) in later.calls
+
+
+class Fallback:
+    """A middleware that sends a failing model's request to another model."""
+
+    @hookimpl
+    def register_middleware(self, register):
+        async def fallback(request, call_next):
+            try:
+                async for delta in call_next(request):
+                    yield delta
+            except Exception:
+                if request.model != "broken":
+                    raise
+                async for delta in call_next(attrs.evolve(request, model="echo")):
+                    yield delta
+
+        register(fallback)
+
+
+def test_middleware_can_route_to_another_model():
+    with start_server(SCRIPTED + "\n[plugins.fallback]\n", plugins={"fallback": Fallback()}) as server:
+        reply = server.openai().chat.completions.create(model="broken", messages=[{"role": "user", "content": "rescued"}])
+    assert reply.choices[0].message.content == "rescued"
+    assert reply.model == "broken"
