@@ -54,6 +54,8 @@ class ServerSettings:
         default="info",
         validator=attrs.validators.in_(["debug", "info", "warning", "error"]),
     )
+    #: "console": one readable line per event; "json": JSON lines.
+    log_format: str = attrs.field(default="console", validator=attrs.validators.in_(["console", "json"]))
 
 
 @attrs.frozen

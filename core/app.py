@@ -91,6 +91,8 @@ def create_app(runtime: Runtime) -> QuartTrio:
         if t0 is not None:
             elapsed = (time.perf_counter() - t0) * 1000
             response.headers["Server-Timing"] = f"total;dur={elapsed:.2f}"
+            rule = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
+            runtime.http_requests.labels(request.method, rule, str(response.status_code)).observe(elapsed / 1000)
             if response.status_code >= 500:
                 log.warning("%s %s -> %d in %.1f ms", request.method, request.path, response.status_code, elapsed)
             else:
@@ -121,13 +123,14 @@ def create_app(runtime: Runtime) -> QuartTrio:
         chat = attrs.evolve(chat, request_id=g.request_id)
         session = runtime.open_session(chat)
         session_id_var.set(session.id)
-        headers = {"X-Session-ID": session.id}
         handed_off = False
         try:
             await session.wait_first()
+            # Plugins may have set headers (X-Cache, ...) before the first chunk.
+            headers = {**session.headers, "X-Session-ID": session.id}
             if session.error is not None and not session.chunks:
                 # Nothing reached the client: a plain error status is honest.
-                session.error.headers.setdefault("X-Session-ID", session.id)
+                session.error.headers.update(headers)
                 raise session.error
             completion_id = f"chatcmpl-{session.id.removeprefix('sess_')}"
             created = int(session.created)

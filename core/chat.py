@@ -153,6 +153,8 @@ class ChatRequest:
     #: Set by the runtime: who is asking, and for which request and session.
     request_id: str = ""
     session_id: str = ""
+    #: The caller's identity (an API key's owner once keys exist).
+    identity: str = "anonymous"
 
     @classmethod
     def from_openai(cls, body: Any) -> "ChatRequest":

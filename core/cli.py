@@ -130,7 +130,7 @@ async def _serve_until_signal(config: StreamvisorConfig) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = build_config(args)
-    configure(config.server.log_level)
+    configure(config.server.log_level, config.server.log_format)
     trio.run(_serve_until_signal, config)
     return 0
 

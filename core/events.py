@@ -25,11 +25,17 @@ EVENT_TYPES = (
     "started",
     "first_token",
     "chunk",
+    "retry",
+    "fallback",
+    "cache_hit",
     "completed",
     "failed",
     "stopped",
     "disconnected",
 )
+
+#: The event types that end a session; each session dispatches exactly one.
+TERMINAL_TYPES = frozenset({"completed", "failed", "stopped", "disconnected"})
 
 
 @attrs.frozen(slots=True)
@@ -42,6 +48,8 @@ class Event:
     #: Wall-clock time of the event (seconds since the epoch).
     at: float
     data: dict[str, Any] = attrs.field(factory=dict)
+    #: Who asked: the API key's identity once keys exist, "anonymous" until then.
+    identity: str = "anonymous"
 
 
 @attrs.define(eq=False)
@@ -83,7 +91,7 @@ class EventDispatcher:
         if not self._listeners:
             return
         self.dispatch(
-            Event(type, session.id, session.request_id, session.model, session.provider, time.time(), data)
+            Event(type, session.id, session.request_id, session.model, session.provider, time.time(), data, session.identity)
         )
 
     def dispatch(self, event: Event) -> None:

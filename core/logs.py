@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextvars
 import logging
 
+import orjson
+
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 session_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="-")
 
@@ -27,11 +29,29 @@ def _record_with_ids(*args: object, **kwargs: object) -> logging.LogRecord:
 logging.setLogRecordFactory(_record_with_ids)
 
 
-def configure(level: str = "info") -> None:
+class JSONLinesFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 6),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", "-"),
+            "session_id": getattr(record, "session_id", "-"),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
+CONSOLE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s request_id=%(request_id)s session_id=%(session_id)s %(message)s"
+
+
+def configure(level: str = "info", format: str = "console") -> None:
     handler = logging.StreamHandler()
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)-7s %(name)s request_id=%(request_id)s session_id=%(session_id)s %(message)s")
-    )
+    handler.setFormatter(JSONLinesFormatter() if format == "json" else logging.Formatter(CONSOLE_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator, Callable
 
 import attrs
 import trio
+from prometheus_client import CollectorRegistry, Histogram
 
 from streamvisor.config import StreamvisorConfig
 from streamvisor.hooks import PluginHost
@@ -24,6 +25,7 @@ from streamvisor.hooks import PluginHost
 from .chat import ChatRequest, Delta
 from .errors import Overloaded
 from .events import EventDispatcher
+from .health import HealthCheck
 from .providers import ProviderRegistry
 from .sessions import Session, SessionActor, SessionRegistry, StreamFn, Transformer, new_id
 from .supervisor import ChildSpec, Restart, Supervisor
@@ -68,6 +70,18 @@ class Runtime:
         self.middlewares: list[Middleware] = []
         self.transformers: list[Transformer] = []
         self.routes: list[PluginRoute] = []
+        self.health_checks: dict[str, HealthCheck] = {}
+        #: This runtime's Prometheus registry: plugins add their metrics to it and
+        #: the monitor plugin serves it at /metrics. One per runtime, so that two
+        #: servers in one process (tests) do not share counters.
+        self.metrics = CollectorRegistry(auto_describe=True)
+        self.http_requests = Histogram(
+            "streamvisor_http_request_duration_seconds",
+            "Time to answer an HTTP request (to the first body byte for streams).",
+            ["method", "route", "status"],
+            registry=self.metrics,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
         self.max_live_sessions = server.max_live_sessions
         self._nursery: trio.Nursery | None = None
 
@@ -117,6 +131,12 @@ class Runtime:
                 self.supervisor.start_child(ChildSpec(f"{_plugin}:{name}", run, Restart(restart)))
 
             await _maybe_await(call(register=add_service))
+        for call in host.implementations("register_health_checks"):
+
+            def add_check(name: str, check: HealthCheck, *, _plugin: str = call.plugin_name) -> None:
+                self.health_checks[f"{_plugin}:{name}"] = check
+
+            await _maybe_await(call(register=add_check))
         for call in host.implementations("on_event"):
             self.events.add_listener(call.plugin_name, _listener(call))
         self.supervisor.start_child(ChildSpec("session-janitor", self.sessions.janitor))
@@ -166,6 +186,7 @@ class Runtime:
             model=request.model,
             provider=route.provider.name,
             request=request,
+            identity=request.identity,
             max_chunks=self.config.server.max_session_chunks,
         )
         stream = compose(self.middlewares, self._provider_stream)

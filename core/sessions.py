@@ -48,6 +48,7 @@ class Session:
     model: str
     provider: str
     request: ChatRequest
+    identity: str = "anonymous"
     max_chunks: int = 100_000
     state: str = "pending"
     chunks: list[Delta] = attrs.field(factory=list)
@@ -55,6 +56,8 @@ class Session:
     finish_reason: str | None = None
     error: APIError | None = None
     detached: bool = False
+    #: Response headers a plugin adds (e.g. X-Cache); set them before the first chunk.
+    headers: dict[str, str] = attrs.field(factory=dict)
     #: Why the session was cancelled: "stopped", "disconnected" or "shutdown".
     cancel_reason: str | None = None
     created: float = attrs.field(factory=time.time)
@@ -120,13 +123,22 @@ class Session:
     def _ms(self, at: float | None) -> float | None:
         return None if at is None else round((at - self.t0) * 1000, 3)
 
-    def to_json(self) -> dict[str, Any]:
+    def timings(self) -> dict[str, float | None]:
         end = self.finished_at if self.finished_at is not None else time.perf_counter()
+        return {
+            "started_ms": self._ms(self.started_at),
+            "first_token_ms": self._ms(self.first_token_at),
+            "finished_ms": self._ms(self.finished_at),
+            "duration_ms": round((end - self.t0) * 1000, 3),
+        }
+
+    def to_json(self) -> dict[str, Any]:
         usage = self.usage or Usage(exact=False)
         return {
             "id": self.id,
             "object": "session",
             "request_id": self.request_id,
+            "identity": self.identity,
             "model": self.model,
             "provider": self.provider,
             "state": self.state,
@@ -134,12 +146,7 @@ class Session:
             "detached": self.detached,
             "created": int(self.created),
             "chunks": len(self.chunks),
-            "timings": {
-                "started_ms": self._ms(self.started_at),
-                "first_token_ms": self._ms(self.first_token_at),
-                "finished_ms": self._ms(self.finished_at),
-                "duration_ms": round((end - self.t0) * 1000, 3),
-            },
+            "timings": self.timings(),
             "usage": usage.to_json(),
             "error": None if self.error is None else {"message": self.error.message, "type": self.error.type, "code": self.error.code},
         }
@@ -195,12 +202,17 @@ class SessionActor:
         stream = self.stream(self.request)
         try:
             async for delta in stream:
-                if delta.usage is not None:
-                    session.usage = delta.usage
+                usage = delta.usage
                 for transform in transformers:
                     delta = transform(delta, session)
                     if delta is None:
                         break
+                else:
+                    # A transformer may restate the usage (e.g. count reasoning tokens).
+                    if delta.usage is not None:
+                        usage = delta.usage
+                if usage is not None:
+                    session.usage = usage
                 if delta is None or not delta.visible:
                     continue
                 if delta.finish_reason is not None:
@@ -256,6 +268,7 @@ class SessionActor:
         self.registry.retire(session)
         if self.events.active:
             usage = session.usage
+            timings = session.timings()
             self.events.emit(
                 "stopped" if state == "shutdown" else state,
                 session,
@@ -263,6 +276,10 @@ class SessionActor:
                 finish_reason=session.finish_reason,
                 usage=usage.to_json(),
                 error=None if session.error is None else session.error.message,
+                error_type=None if session.error is None else session.error.code,
+                chunks=len(session.chunks),
+                first_token_ms=timings["first_token_ms"],
+                duration_ms=timings["duration_ms"],
             )
 
 

@@ -33,6 +33,11 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "local": "streamvisor.plugins.local:LocalPlugin",
     "openai": "streamvisor.plugins.openai_upstream:OpenAIPlugin",
     "scripted": "streamvisor.plugins.scripted:ScriptedPlugin",
+    "monitor": "streamvisor.plugins.monitor:MonitorPlugin",
+    "usage": "streamvisor.plugins.usage:UsagePlugin",
+    "retry": "streamvisor.plugins.retry:RetryPlugin",
+    "cache": "streamvisor.plugins.cache:CachePlugin",
+    "admin": "streamvisor.plugins.admin:AdminPlugin",
 }
 
 

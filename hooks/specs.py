@@ -95,6 +95,17 @@ def register_chunk_transformers(register):
     """
 
 
+@hookspec
+def register_health_checks(register):
+    """Add readiness checks (shown by the health plugin's /health/ready).
+
+    :param register: call ``register(name, check)`` where ``check`` is an ``async
+        def check()`` returning `streamvisor.core.health.Health(ok, detail)` or a
+        bool. A check that raises or takes longer than its timeout counts as not
+        ready.
+    """
+
+
 # -- observation ---------------------------------------------------------------
 
 
