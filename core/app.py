@@ -51,7 +51,12 @@ def _http_error(exc: HTTPException) -> APIError:
     if code == 405:
         return MethodNotAllowed(f"Method {request.method} is not allowed on {request.path}.")
     if code == 413:
-        return PayloadTooLarge(f"The request body is larger than the limit of {request.max_content_length} bytes.")
+        # The rest of the body was never read: the connection cannot carry another
+        # request, and a client that reused it would wait forever.
+        return PayloadTooLarge(
+            f"The request body is larger than the limit of {request.max_content_length} bytes.",
+            headers={"Connection": "close"},
+        )
     if code == 408:
         return APIError("The request body took too long to arrive.", status=408, code="request_timeout")
     if code < 500:
