@@ -38,6 +38,8 @@ class ServerSettings:
     max_body_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_positive)
     #: How long a finished session stays inspectable (GET /v1/sessions/{id}).
     session_retention_seconds: float = attrs.field(default=60.0, validator=attrs.validators.ge(0))
+    #: Finished sessions kept for inspection at most (the oldest go first).
+    max_retained_sessions: int = attrs.field(default=10_000, validator=_positive)
     #: The bound of one session's chunk buffer; a stream that exceeds it fails.
     max_session_chunks: int = attrs.field(default=100_000, validator=_positive)
     #: The bound on sessions running at once; past it requests get 503.

@@ -65,7 +65,7 @@ class Runtime:
         self.plugins = host
         self.providers = ProviderRegistry()
         self.events = EventDispatcher(server.event_queue_size)
-        self.sessions = SessionRegistry(server.session_retention_seconds)
+        self.sessions = SessionRegistry(server.session_retention_seconds, server.max_retained_sessions)
         self.supervisor = Supervisor("root", intensity=server.restart_intensity, period=server.restart_period_seconds)
         self.middlewares: list[Middleware] = []
         self.transformers: list[Transformer] = []

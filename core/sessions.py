@@ -286,8 +286,11 @@ class SessionActor:
 class SessionRegistry:
     """The live and recently finished sessions, by id, with bounded retention."""
 
-    def __init__(self, retention: float = 60.0) -> None:
+    def __init__(self, retention: float = 60.0, max_retained: int = 10_000) -> None:
         self.retention = retention
+        #: Finished sessions kept at most, whatever their age: retention is in
+        #: seconds, and at a high request rate seconds can hold many buffers.
+        self.max_retained = max_retained
         self.sessions: dict[str, Session] = {}
         self._expiry: collections.deque[tuple[float, str]] = collections.deque()
         self.live = 0
@@ -309,6 +312,9 @@ class SessionRegistry:
             self.sessions.pop(session.id, None)
         else:
             self._expiry.append((time.monotonic() + self.retention, session.id))
+            while len(self._expiry) > self.max_retained:
+                _, oldest = self._expiry.popleft()
+                self.sessions.pop(oldest, None)
 
     def reap(self, now: float | None = None) -> int:
         """Remove the finished sessions whose retention time has passed."""

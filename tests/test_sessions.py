@@ -161,3 +161,16 @@ first_delay = 30
         server.wait_for(lambda: runtime.sessions.live == 0, timeout=2)
         states = server.call(lambda: [s.state for s in runtime.sessions.sessions.values()])
         assert states == ["disconnected"]
+
+
+def test_retention_is_bounded_by_count_as_well_as_time():
+    from .conftest import SCRIPTED
+
+    with start_server(SCRIPTED, session_retention_seconds=3600, max_retained_sessions=3) as server:
+        client = server.openai()
+        ids = [
+            client.chat.completions.with_raw_response.create(model="fox", messages=[{"role": "user", "content": "x"}]).headers["X-Session-ID"]
+            for _ in range(5)
+        ]
+        kept = server.call(lambda: sorted(server.runtime.sessions.sessions))
+    assert kept == sorted(ids[-3:])
