@@ -1,0 +1,612 @@
+"""The `monitor` plugin: stream statistics, Prometheus metrics and one log line
+per finished session.
+
+It owns three things:
+
+- **Per-chunk timing**, taken by a chunk transformer on the session's own task: a
+  `perf_counter()`, a dict lookup and a few additions per chunk, into a small
+  `_Tracking` record kept in a bounded dict keyed by session id. It never changes
+  a delta and never raises into the stream.
+- **The outcome**, read from the session's terminal event by an `on_event`
+  listener (off the stream's task). The listener folds the session's tracking
+  record and the event's timings and usage into a `SessionStats`, keeps it in a
+  bounded LRU (for `GET /v1/monitor/sessions/<id>`), folds it into per-model
+  aggregates (for `GET /v1/monitor/summary`) and into Prometheus metrics, and
+  logs one line for it.
+- **`GET /metrics`**: the runtime's own Prometheus registry (`runtime.metrics`),
+  so the core's HTTP histogram and other plugins' metrics are served with the
+  monitor's.
+
+Every structure is bounded: tracked sessions (`max_tracked_sessions`), retained
+finished sessions (`retained_sessions`), and the samples percentiles are computed
+over (`summary_window` per model). A tracking record normally leaves with its
+session's terminal event; one whose event was dropped (the listener's queue was
+full) is reclaimed when the bound is reached, because its session has finished.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import logging
+import math
+import time
+import weakref
+from typing import Any, Iterator
+
+import attrs
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from quart import Response
+
+from streamvisor.core.chat import Delta
+from streamvisor.core.errors import NotFound
+from streamvisor.core.events import TERMINAL_TYPES, Event
+from streamvisor.core.logs import request_id_var, session_id_var
+from streamvisor.hooks import hookimpl
+
+log = logging.getLogger("streamvisor.monitor")
+
+DEFAULT_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+DEFAULT_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+DEFAULT_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+def _buckets(_instance: Any, attribute: attrs.Attribute, value: tuple[float, ...]) -> None:
+    if not value:
+        raise ValueError(f"{attribute.name} must list at least one bucket bound")
+    if any(b <= 0 or math.isinf(b) for b in value) or any(a >= b for a, b in zip(value, value[1:])):
+        raise ValueError(f"{attribute.name} must be finite positive bounds in increasing order, got {list(value)}")
+
+
+@attrs.frozen
+class Settings:
+    #: Write one log line per finished session on the `streamvisor.monitor` logger.
+    log_sessions: bool = True
+    #: Live sessions whose chunk timing is tracked at once (the core's default
+    #: max_live_sessions); a session past it is not timed, and counted in
+    #: streamvisor_monitor_untracked_sessions_total.
+    max_tracked_sessions: int = attrs.field(default=20_000, validator=attrs.validators.ge(1))
+    #: Finished sessions whose stats GET /v1/monitor/sessions/<id> keeps (LRU).
+    retained_sessions: int = attrs.field(default=1_000, validator=attrs.validators.ge(1))
+    #: Recent finished sessions per model that the summary's percentiles cover.
+    summary_window: int = attrs.field(default=1_000, validator=attrs.validators.ge(1))
+    #: Histogram bucket bounds, in seconds.
+    gap_buckets: tuple[float, ...] = attrs.field(default=DEFAULT_GAP_BUCKETS, validator=_buckets)
+    ttft_buckets: tuple[float, ...] = attrs.field(default=DEFAULT_TTFT_BUCKETS, validator=_buckets)
+    duration_buckets: tuple[float, ...] = attrs.field(default=DEFAULT_DURATION_BUCKETS, validator=_buckets)
+
+
+@attrs.define(slots=True, eq=False)
+class _Tracking:
+    """What the chunk transformer records for one live session."""
+
+    #: A weak reference, so that a record whose terminal event never came does not
+    #: keep the session (and its buffer) alive; a dead or finished session's
+    #: record may be reclaimed.
+    session: weakref.ref
+    #: perf_counter() of the last output chunk.
+    last: float
+    chunks: int = 0
+    bytes: int = 0
+    gap_sum: float = 0.0
+    gap_max: float = 0.0
+    #: Gap counts per bucket (the last one is +Inf), folded into the aggregate
+    #: histogram when the session ends: no Prometheus call per chunk.
+    gap_counts: list[int] = attrs.field(factory=list)
+
+
+@attrs.frozen
+class SessionStats:
+    """A finished session as the monitor saw it."""
+
+    session_id: str
+    request_id: str
+    model: str
+    provider: str
+    outcome: str
+    reason: str | None
+    finish_reason: str | None
+    error_type: str | None
+    ttft_ms: float | None
+    duration_ms: float | None
+    chunks: int
+    bytes: int
+    gap_count: int
+    gap_max_ms: float | None
+    gap_mean_ms: float | None
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    tokens_exact: bool
+    tokens_per_second: float | None
+    finished_at: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "object": "monitor.session",
+            "session_id": self.session_id,
+            "request_id": self.request_id,
+            "model": self.model,
+            "provider": self.provider,
+            "state": "finished",
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "finish_reason": self.finish_reason,
+            "error_type": self.error_type,
+            "ttft_ms": self.ttft_ms,
+            "duration_ms": self.duration_ms,
+            "chunks": self.chunks,
+            "bytes": self.bytes,
+            "gaps": {"count": self.gap_count, "max_ms": self.gap_max_ms, "mean_ms": self.gap_mean_ms},
+            "tokens": {
+                "prompt": self.prompt_tokens,
+                "completion": self.completion_tokens,
+                "reasoning": self.reasoning_tokens,
+                "exact": self.tokens_exact,
+            },
+            "tokens_per_second": self.tokens_per_second,
+            "finished_at": self.finished_at,
+        }
+
+
+@attrs.define(eq=False)
+class _Aggregate:
+    """Cumulative counts and a bounded window of samples, for one model (or all)."""
+
+    provider: str
+    window: int
+    gap_counts: list[int]
+    sessions: int = 0
+    outcomes: collections.Counter[str] = attrs.field(factory=collections.Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    chunks: int = 0
+    bytes: int = 0
+    gap_sum: float = 0.0
+    gap_count: int = 0
+    gap_max: float = 0.0
+    ttft: collections.deque[float] = attrs.field(init=False)
+    tokens_per_second: collections.deque[float] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.ttft = collections.deque(maxlen=self.window)
+        self.tokens_per_second = collections.deque(maxlen=self.window)
+
+    def add(self, stats: SessionStats, tracking: _Tracking | None) -> None:
+        self.sessions += 1
+        self.outcomes[stats.outcome] += 1
+        self.prompt_tokens += stats.prompt_tokens
+        self.completion_tokens += stats.completion_tokens
+        self.chunks += stats.chunks
+        self.bytes += stats.bytes
+        if stats.ttft_ms is not None:
+            self.ttft.append(stats.ttft_ms)
+        if stats.tokens_per_second is not None:
+            self.tokens_per_second.append(stats.tokens_per_second)
+        if tracking is not None:
+            self.gap_sum += tracking.gap_sum
+            self.gap_count += stats.gap_count
+            self.gap_max = max(self.gap_max, tracking.gap_max)
+            for i, n in enumerate(tracking.gap_counts):
+                self.gap_counts[i] += n
+
+    def to_json(self, bounds: tuple[float, ...]) -> dict[str, Any]:
+        ttft = sorted(self.ttft)
+        rates = sorted(self.tokens_per_second)
+        cumulative, histogram = 0, []
+        for bound, n in zip((*bounds, math.inf), self.gap_counts):
+            cumulative += n
+            histogram.append({"le": "+Inf" if math.isinf(bound) else bound, "count": cumulative})
+        return {
+            "sessions": self.sessions,
+            "by_outcome": dict(self.outcomes),
+            "ttft_ms": {"p50": _percentile(ttft, 50), "p90": _percentile(ttft, 90), "p99": _percentile(ttft, 99), "samples": len(ttft)},
+            "tokens_per_second": {"p50": _percentile(rates, 50), "samples": len(rates)},
+            "gaps": {
+                "count": self.gap_count,
+                "mean_ms": _ms(self.gap_sum / self.gap_count) if self.gap_count else None,
+                "max_ms": _ms(self.gap_max) if self.gap_count else None,
+                "histogram_seconds": histogram,
+            },
+            "tokens": {"prompt": self.prompt_tokens, "completion": self.completion_tokens},
+            "chunks": self.chunks,
+            "bytes": self.bytes,
+        }
+
+
+def _percentile(ordered: list[float], pct: float) -> float | None:
+    """Nearest-rank percentile of an ascending list."""
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(pct / 100 * len(ordered)))
+    return round(ordered[rank - 1], 3)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)
+
+
+def _utf8_len(text: str) -> int:
+    # isascii() is O(1) on CPython's compact strings: most chunks skip the encode.
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+class _GapHistogram:
+    """A Prometheus collector for the inter-chunk gap histogram, read from the
+    monitor's aggregates at scrape time (sessions fold their gaps in once, when
+    they end, instead of one `observe()` per chunk)."""
+
+    NAME = "streamvisor_stream_chunk_gap_seconds"
+
+    def __init__(self, plugin: "MonitorPlugin") -> None:
+        self.plugin = plugin
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self.NAME, "Time between consecutive output chunks of a stream.", labels=["model", "provider"])
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self.NAME, "Time between consecutive output chunks of a stream.", labels=["model", "provider"])
+        bounds = self.plugin.settings.gap_buckets
+        for model, aggregate in sorted(self.plugin.by_model.items()):
+            cumulative, buckets = 0, []
+            for bound, n in zip((*bounds, math.inf), aggregate.gap_counts):
+                cumulative += n
+                buckets.append(("+Inf" if math.isinf(bound) else repr(float(bound)), cumulative))
+            family.add_metric([model, aggregate.provider], buckets, aggregate.gap_sum)
+        yield family
+
+
+class _ListenerStatsCollector:
+    """Per-plugin event listener counts, read from `runtime.events.stats` at scrape time."""
+
+    FAMILIES = (
+        ("streamvisor_event_listener_delivered", "Events delivered to a plugin's on_event listener.", "delivered"),
+        ("streamvisor_event_listener_errors", "Events on which a plugin's on_event listener raised.", "errors"),
+        ("streamvisor_event_listener_dropped", "Events dropped because a plugin's listener queue was full.", "dropped"),
+    )
+
+    def __init__(self, runtime: Any) -> None:
+        self.runtime = runtime
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        for name, doc, _ in self.FAMILIES:
+            yield CounterMetricFamily(name, doc, labels=["plugin"])
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self.runtime.events.stats
+        for name, doc, field in self.FAMILIES:
+            family = CounterMetricFamily(name, doc, labels=["plugin"])
+            for listener in stats:
+                family.add_metric([listener.plugin], getattr(listener, field))
+            yield family
+
+
+@attrs.define(eq=False)
+class _Metrics:
+    """The monitor's metrics in `runtime.metrics`."""
+
+    sessions: Counter
+    duration: Histogram
+    ttft: Histogram
+    tokens: Counter
+    chunks: Counter
+    bytes: Counter
+    errors: Counter
+    retries: Counter
+    fallbacks: Counter
+    cache_hits: Counter
+    untracked: Counter
+
+    @classmethod
+    def create(cls, runtime: Any, settings: Settings, plugin: "MonitorPlugin") -> "_Metrics":
+        registry = runtime.metrics
+        labels = ["model", "provider"]
+        active = Gauge("streamvisor_sessions_active", "Sessions that have not finished yet.", registry=registry)
+        active.set_function(lambda: runtime.sessions.live)
+        registry.register(_GapHistogram(plugin))
+        registry.register(_ListenerStatsCollector(runtime))
+        return cls(
+            sessions=Counter("streamvisor_sessions", "Finished sessions by outcome.", [*labels, "outcome"], registry=registry),
+            duration=Histogram(
+                "streamvisor_stream_duration_seconds",
+                "A session's duration, from its creation to its end.",
+                [*labels, "outcome"],
+                registry=registry,
+                buckets=settings.duration_buckets,
+            ),
+            ttft=Histogram(
+                "streamvisor_stream_time_to_first_token_seconds",
+                "Time from a session's creation to its first chunk.",
+                labels,
+                registry=registry,
+                buckets=settings.ttft_buckets,
+            ),
+            tokens=Counter(
+                "streamvisor_stream_tokens",
+                "Tokens of finished sessions: type=input (prompt) or output (completion).",
+                [*labels, "type"],
+                registry=registry,
+            ),
+            chunks=Counter("streamvisor_stream_chunks", "Output chunks (content, reasoning or tool calls) streamed.", labels, registry=registry),
+            bytes=Counter("streamvisor_stream_output_bytes", "UTF-8 bytes of content and reasoning streamed.", labels, registry=registry),
+            errors=Counter("streamvisor_stream_errors", "Failed sessions by error type.", [*labels, "error_type"], registry=registry),
+            retries=Counter("streamvisor_monitor_retries", "Retry events seen by the monitor.", labels, registry=registry),
+            fallbacks=Counter("streamvisor_monitor_fallbacks", "Fallback events seen by the monitor.", labels, registry=registry),
+            cache_hits=Counter("streamvisor_monitor_cache_hits", "Cache hit events seen by the monitor.", labels, registry=registry),
+            untracked=Counter(
+                "streamvisor_monitor_untracked_sessions",
+                "Sessions that streamed output but were not timed (max_tracked_sessions was reached).",
+                registry=registry,
+            ),
+        )
+
+
+class MonitorPlugin:
+    Settings = Settings
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runtime: Any = None
+        self.metrics: _Metrics | None = None
+        #: Live sessions' chunk timing, oldest first (reclaimed from the front).
+        self.tracked: collections.OrderedDict[str, _Tracking] = collections.OrderedDict()
+        #: Finished sessions' stats, least recently used first.
+        self.finished: collections.OrderedDict[str, SessionStats] = collections.OrderedDict()
+        self.by_model: dict[str, _Aggregate] = {}
+        self.overall = self._aggregate("*")
+        self.untracked = 0
+        self.transform_errors = 0
+        self._gap_bounds = settings.gap_buckets
+
+    def _aggregate(self, provider: str) -> _Aggregate:
+        return _Aggregate(provider, self.settings.summary_window, [0] * (len(self.settings.gap_buckets) + 1))
+
+    # -- hooks -------------------------------------------------------------------
+
+    @hookimpl
+    def startup(self, runtime: Any) -> None:
+        self.runtime = runtime
+        self.metrics = _Metrics.create(runtime, self.settings, self)
+
+    @hookimpl
+    def register_chunk_transformers(self, register: Any) -> None:
+        register(self.observe_chunk)
+
+    @hookimpl
+    def register_routes(self, register: Any) -> None:
+        register("/metrics", self.metrics_view)
+        register("/v1/monitor/summary", self.summary_view)
+        register("/v1/monitor/sessions/<session_id>", self.session_view)
+
+    @hookimpl
+    def on_event(self, event: Event) -> None:
+        kind = event.type
+        if kind == "chunk":  # most events; the transformer already timed it
+            return
+        if kind in TERMINAL_TYPES:
+            self._finish(event)
+        elif self.metrics is not None:
+            if kind == "retry":
+                self.metrics.retries.labels(event.model, event.provider).inc()
+            elif kind == "fallback":
+                self.metrics.fallbacks.labels(event.model, event.provider).inc()
+            elif kind == "cache_hit":
+                self.metrics.cache_hits.labels(event.model, event.provider).inc()
+
+    # -- the hot path ------------------------------------------------------------
+
+    def observe_chunk(self, delta: Delta, session: Any) -> Delta:
+        """The chunk transformer: time output chunks, return the delta unchanged."""
+        content, reasoning = delta.content, delta.reasoning
+        if not (content or reasoning or delta.tool_calls):
+            return delta  # usage-only or finish-only: not an output chunk
+        try:
+            now = time.perf_counter()
+            tracking = self.tracked.get(session.id)
+            if tracking is None:
+                tracking = self._track(session, now)
+                if tracking is None:
+                    return delta
+            else:
+                gap = now - tracking.last
+                tracking.gap_sum += gap
+                if gap > tracking.gap_max:
+                    tracking.gap_max = gap
+                tracking.gap_counts[bisect.bisect_left(self._gap_bounds, gap)] += 1
+                tracking.last = now
+            tracking.chunks += 1
+            if content:
+                tracking.bytes += _utf8_len(content)
+            if reasoning:
+                tracking.bytes += _utf8_len(reasoning)
+        except Exception:
+            # Monitoring must never fail a stream.
+            self.transform_errors += 1
+            if self.transform_errors == 1:
+                log.exception("the monitor's chunk transformer failed; the stream is unaffected")
+        return delta
+
+    def _track(self, session: Any, now: float) -> _Tracking | None:
+        tracked = self.tracked
+        if len(tracked) >= self.settings.max_tracked_sessions and not self._reclaim():
+            return None  # every tracked session is live: this one goes untimed
+        tracking = _Tracking(weakref.ref(session), now, gap_counts=[0] * (len(self._gap_bounds) + 1))
+        tracked[session.id] = tracking
+        return tracking
+
+    def _reclaim(self, probes: int = 8) -> bool:
+        """Free one slot: drop the first record, among the oldest few, whose session
+        has finished (its terminal event was dropped, or is still queued). Live
+        ones met on the way move to the back, so repeated calls sweep the dict."""
+        tracked = self.tracked
+        for _ in range(min(probes, len(tracked))):
+            session_id, tracking = next(iter(tracked.items()))
+            session = tracking.session()
+            if session is None or session.finished:
+                del tracked[session_id]
+                return True
+            tracked.move_to_end(session_id)
+        return False
+
+    # -- a session ends ----------------------------------------------------------
+
+    def _finish(self, event: Event) -> None:
+        tracking = self.tracked.pop(event.session_id, None)
+        stats = self._stats(event, tracking)
+        self.finished[stats.session_id] = stats
+        while len(self.finished) > self.settings.retained_sessions:
+            self.finished.popitem(last=False)
+        aggregate = self.by_model.get(stats.model)
+        if aggregate is None:
+            aggregate = self.by_model[stats.model] = self._aggregate(stats.provider)
+        aggregate.provider = stats.provider
+        aggregate.add(stats, tracking)
+        self.overall.add(stats, tracking)
+        if tracking is None and stats.ttft_ms is not None and stats.completion_tokens > 0:
+            # It streamed output, but its timing was never taken or was reclaimed.
+            self.untracked += 1
+            if self.metrics is not None:
+                self.metrics.untracked.inc()
+        if self.metrics is not None:
+            self._record_metrics(stats)
+        if self.settings.log_sessions:
+            self._log(stats)
+
+    def _stats(self, event: Event, tracking: _Tracking | None) -> SessionStats:
+        data = event.data
+        usage = data.get("usage") or {}
+        completion = int(usage.get("completion_tokens") or 0)
+        ttft_ms = data.get("first_token_ms")
+        duration_ms = data.get("duration_ms")
+        rate = None
+        if ttft_ms is not None and duration_ms is not None and completion > 0 and duration_ms > ttft_ms:
+            rate = round(completion / ((duration_ms - ttft_ms) / 1000), 3)
+        gaps = tracking.chunks - 1 if tracking is not None and tracking.chunks > 1 else 0
+        return SessionStats(
+            session_id=event.session_id,
+            request_id=event.request_id,
+            model=event.model,
+            provider=event.provider,
+            outcome=event.type,
+            reason=data.get("reason"),
+            finish_reason=data.get("finish_reason"),
+            error_type=(data.get("error_type") or "unknown") if event.type == "failed" else None,
+            ttft_ms=ttft_ms,
+            duration_ms=duration_ms,
+            chunks=tracking.chunks if tracking is not None else 0,
+            bytes=tracking.bytes if tracking is not None else 0,
+            gap_count=gaps,
+            gap_max_ms=_ms(tracking.gap_max) if gaps else None,
+            gap_mean_ms=_ms(tracking.gap_sum / gaps) if gaps else None,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            completion_tokens=completion,
+            reasoning_tokens=int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0),
+            tokens_exact=bool(usage.get("exact", False)),
+            tokens_per_second=rate,
+            finished_at=event.at,
+        )
+
+    def _record_metrics(self, stats: SessionStats) -> None:
+        metrics = self.metrics
+        assert metrics is not None
+        model, provider = stats.model, stats.provider
+        metrics.sessions.labels(model, provider, stats.outcome).inc()
+        if stats.duration_ms is not None:
+            metrics.duration.labels(model, provider, stats.outcome).observe(stats.duration_ms / 1000)
+        if stats.ttft_ms is not None:
+            metrics.ttft.labels(model, provider).observe(stats.ttft_ms / 1000)
+        metrics.tokens.labels(model, provider, "input").inc(stats.prompt_tokens)
+        metrics.tokens.labels(model, provider, "output").inc(stats.completion_tokens)
+        metrics.chunks.labels(model, provider).inc(stats.chunks)
+        metrics.bytes.labels(model, provider).inc(stats.bytes)
+        if stats.error_type is not None:
+            metrics.errors.labels(model, provider, stats.error_type).inc()
+
+    def _log(self, stats: SessionStats) -> None:
+        # The listener runs on its own task, whose context carries no request: the
+        # core's log record factory reads the ids from these context variables (and
+        # refuses them as `extra=`), so set them for this one call.
+        request_token = request_id_var.set(stats.request_id or "-")
+        session_token = session_id_var.set(stats.session_id)
+        try:
+            log.info(
+                "session %s: model=%s provider=%s ttft=%s duration=%s chunks=%d tokens=%d+%d tok/s=%s%s",
+                stats.outcome,
+                stats.model,
+                stats.provider,
+                _shown_ms(stats.ttft_ms),
+                _shown_ms(stats.duration_ms),
+                stats.chunks,
+                stats.prompt_tokens,
+                stats.completion_tokens,
+                "-" if stats.tokens_per_second is None else f"{stats.tokens_per_second:.1f}",
+                f" error_type={stats.error_type}" if stats.error_type else "",
+            )
+        finally:
+            session_id_var.reset(session_token)
+            request_id_var.reset(request_token)
+
+    # -- views -------------------------------------------------------------------
+
+    async def metrics_view(self) -> Response:
+        return Response(generate_latest(self.runtime.metrics), content_type=CONTENT_TYPE_LATEST)
+
+    async def session_view(self, session_id: str) -> dict[str, Any]:
+        stats = self.finished.get(session_id)
+        if stats is not None:
+            self.finished.move_to_end(session_id)
+            return stats.to_json()
+        tracking = self.tracked.get(session_id)
+        session = self.runtime.sessions.sessions.get(session_id) if self.runtime is not None else None
+        if session is None or session.finished:
+            # Finished sessions are answered from the LRU above once their terminal
+            # event was handled; until then (a few ms), or once it left the LRU: unknown.
+            raise NotFound(f"No monitor stats for session '{session_id}' (unknown, not finished yet, or no longer retained).")
+        return self._live_json(session, tracking)
+
+    def _live_json(self, session: Any, tracking: _Tracking | None) -> dict[str, Any]:
+        timings = session.timings()
+        usage = session.usage
+        gaps = tracking.chunks - 1 if tracking is not None and tracking.chunks > 1 else 0
+        return {
+            "object": "monitor.session",
+            "session_id": session.id,
+            "request_id": session.request_id,
+            "model": session.model,
+            "provider": session.provider,
+            "state": session.state,
+            "outcome": None,
+            "ttft_ms": timings["first_token_ms"],
+            "duration_ms": timings["duration_ms"],
+            "chunks": tracking.chunks if tracking is not None else 0,
+            "bytes": tracking.bytes if tracking is not None else 0,
+            "gaps": {
+                "count": gaps,
+                "max_ms": _ms(tracking.gap_max) if gaps else None,
+                "mean_ms": _ms(tracking.gap_sum / gaps) if gaps else None,
+            },
+            "tokens": {
+                "prompt": usage.prompt_tokens if usage else 0,
+                "completion": usage.completion_tokens if usage else 0,
+                "reasoning": usage.reasoning_tokens if usage else 0,
+                "exact": usage.exact if usage else False,
+            },
+        }
+
+    async def summary_view(self) -> dict[str, Any]:
+        bounds = self.settings.gap_buckets
+        body = {"object": "monitor.summary", "live": self.runtime.sessions.live if self.runtime is not None else 0}
+        body.update(self.overall.to_json(bounds))
+        body["by_model"] = {
+            model: {"provider": aggregate.provider, **aggregate.to_json(bounds)}
+            for model, aggregate in sorted(self.by_model.items())
+        }
+        body["window"] = self.settings.summary_window
+        body["tracked"] = len(self.tracked)
+        body["untracked"] = self.untracked
+        return body
+
+
+def _shown_ms(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.1f}ms"
