@@ -27,6 +27,10 @@ log = logging.getLogger("streamvisor")
 
 DEFAULT_CONFIG = "plugins.toml"
 
+#: The operational plugins `serve --upstream` runs without a config file: the same
+#: stack, in the same order, as the repository's plugins.toml.
+DEFAULT_STACK: dict[str, dict[str, Any]] = {"cache": {}, "retry": {}, "usage": {}, "monitor": {}, "admin": {}}
+
 
 def build_config(args: argparse.Namespace) -> StreamvisorConfig:
     """The config a command runs with: `--config`, else `--upstream`, else ./plugins.toml."""
@@ -34,7 +38,7 @@ def build_config(args: argparse.Namespace) -> StreamvisorConfig:
     if args.config:
         config = load_config(args.config)
     elif upstreams:
-        config = StreamvisorConfig.from_dict({}, source="--upstream")
+        config = StreamvisorConfig.from_dict({"plugins": DEFAULT_STACK}, source="--upstream")
     elif Path(DEFAULT_CONFIG).exists():
         config = load_config(DEFAULT_CONFIG)
     else:

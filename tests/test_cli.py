@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -66,6 +67,9 @@ def test_plugins_lists_loaded_plugins_with_versions_and_hooks():
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["name", "version", "from", "hooks"]
     assert re.match(r"local\s+0\.1\.0\s+built-in\s+register_providers, startup$", lines[1])
+    names = [line.split()[0] for line in lines[1:-1]]
+    assert names == ["local", "cache", "retry", "usage", "monitor", "admin"]
+    assert re.search(r"^monitor\s+0\.1\.0\s+built-in\s+.*on_event.*register_routes", result.stdout, re.M)
     assert lines[-1] == "disabled in plugins.toml: openai, scripted"
 
 
@@ -99,6 +103,16 @@ def test_serve_upstream_needs_no_config_file(tmp_path):
                 assert {"fox", "echo"} <= {m.id for m in client.models.list()}
                 stream = client.chat.completions.create(model="fox", messages=[{"role": "user", "content": "x"}], stream=True)
                 assert "".join(c.choices[0].delta.content or "" for c in stream) == "The quick brown fox jumps over the lazy dog."
+                # The default operational stack runs without a config file too.
+                for _ in range(2):
+                    raw = client.chat.completions.with_raw_response.create(
+                        model="fox", messages=[{"role": "user", "content": "x"}], temperature=0
+                    )
+                assert raw.headers["X-Cache"] == "hit"
+                metrics = httpx.get(serve.url + "/metrics").text
+                assert "streamvisor_sessions_total" in metrics
+                assert httpx.get(serve.url + "/health").status_code == 200
+                assert httpx.get(serve.url + "/v1/usage").json()
         finally:
             code = serve.stop()
     assert code == 0, "".join(serve.lines)

@@ -27,9 +27,11 @@ def _error(tmp_path, text, env=None):
 
 
 def test_the_repository_default_is_valid_and_serves_the_local_model():
+    from streamvisor.core.cli import DEFAULT_STACK
+
     config = load_config("plugins.toml")
     host = PluginHost.from_config(config)
-    assert [p.name for p in host] == ["local"]
+    assert [p.name for p in host] == ["local", *DEFAULT_STACK]
     assert [p.name for p in config.plugins if not p.enabled] == ["openai", "scripted"]
 
 
