@@ -142,3 +142,27 @@ def test_first_start_assembles_the_model_with_progress_then_serves(tmp_path):
     finally:
         assert serve.stop() == 0
     assert list((tmp_path / "cache").iterdir()) == [tmp_path / "cache" / "gemma-3-270m-q4_k_m.gguf"]
+
+
+def test_json_logs_carry_the_request_and_session_ids(tmp_path):
+    config = tmp_path / "plugins.toml"
+    config.write_text('[server]\nlog_format = "json"\n' + SCRIPTED + "\n[plugins.monitor]\n")
+    serve = ServeProcess("--config", str(config), cwd=tmp_path)
+    try:
+        with httpx.Client(base_url=serve.url) as http:
+            reply = http.post(
+                "/v1/chat/completions",
+                json={"model": "fox", "messages": [{"role": "user", "content": "x"}]},
+                headers={"X-Request-ID": "json-log-1"},
+            )
+            session_id = reply.headers["X-Session-ID"]
+            time.sleep(0.3)  # the monitor's line is written by its listener task
+    finally:
+        assert serve.stop() == 0
+    import json as _json
+
+    entries = [_json.loads(line) for line in "".join(serve.lines).splitlines() if line.startswith("{")]
+    assert entries and all({"ts", "level", "logger", "message", "request_id", "session_id"} <= set(e) for e in entries)
+    mine = [e for e in entries if e["request_id"] == "json-log-1"]
+    assert any(e["logger"] == "streamvisor.http" and "200" in e["message"] for e in mine)
+    assert any(e["session_id"] == session_id and e["logger"] == "streamvisor.monitor" for e in mine)
