@@ -19,13 +19,9 @@ import attrs
 
 from .errors import ConfigError
 from .schema import build_settings, describe
+from .validators import positive
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-
-
-def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be greater than 0, got {value}")
 
 
 @attrs.frozen
@@ -35,23 +31,23 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = attrs.field(default=8000, validator=attrs.validators.and_(attrs.validators.ge(0), attrs.validators.le(65535)))
     #: Largest request body accepted, in bytes; larger ones get 413.
-    max_body_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=_positive)
+    max_body_bytes: int = attrs.field(default=4 * 1024 * 1024, validator=positive)
     #: How long a finished session stays inspectable (GET /v1/sessions/{id}).
     session_retention_seconds: float = attrs.field(default=60.0, validator=attrs.validators.ge(0))
     #: Finished sessions kept for inspection at most (the oldest go first).
-    max_retained_sessions: int = attrs.field(default=10_000, validator=_positive)
+    max_retained_sessions: int = attrs.field(default=10_000, validator=positive)
     #: The bound of one session's chunk buffer; a stream that exceeds it fails.
-    max_session_chunks: int = attrs.field(default=100_000, validator=_positive)
+    max_session_chunks: int = attrs.field(default=100_000, validator=positive)
     #: The bound on sessions running at once; past it requests get 503.
-    max_live_sessions: int = attrs.field(default=20_000, validator=_positive)
+    max_live_sessions: int = attrs.field(default=20_000, validator=positive)
     #: The bound of each event listener's queue; events past it are dropped and counted.
-    event_queue_size: int = attrs.field(default=1024, validator=_positive)
+    event_queue_size: int = attrs.field(default=1024, validator=positive)
     #: Grace period for sessions to finish when the server shuts down.
     shutdown_grace_seconds: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
     #: Supervisor restart intensity: at most this many restarts ...
     restart_intensity: int = attrs.field(default=5, validator=attrs.validators.ge(0))
     #: ... within this many seconds, or the supervisor gives up and escalates.
-    restart_period_seconds: float = attrs.field(default=10.0, validator=_positive)
+    restart_period_seconds: float = attrs.field(default=10.0, validator=positive)
     log_level: str = attrs.field(
         default="info",
         validator=attrs.validators.in_(["debug", "info", "warning", "error"]),

@@ -36,6 +36,7 @@ from streamvisor.core.app import json_response
 from streamvisor.core.errors import InvalidRequest
 from streamvisor.core.health import ADMIN_KEY_ENV, Health, admin_key, require_admin
 from streamvisor.hooks import hookimpl
+from streamvisor.config.validators import not_negative, positive
 
 log = logging.getLogger("streamvisor.plugins.admin")
 
@@ -49,33 +50,23 @@ TOTALS_TIMEOUT_SECONDS = 2.0
 DETAIL_LIMIT = 300
 
 
-def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not value > 0:
-        raise ValueError(f"{attribute.name} must be greater than 0, got {value}")
-
-
-def _not_negative(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if not value >= 0:
-        raise ValueError(f"{attribute.name} must be 0 or more, got {value}")
-
-
 @attrs.frozen
 class Settings:
     #: How often the watchdog runs: reap, probe, measure memory.
-    interval_seconds: float = attrs.field(default=10.0, validator=_positive)
+    interval_seconds: float = attrs.field(default=10.0, validator=positive)
     #: A live session older than this is stopped by the watchdog (0: never).
-    max_session_seconds: float = attrs.field(default=3600.0, validator=_not_negative)
+    max_session_seconds: float = attrs.field(default=3600.0, validator=not_negative)
     #: POST /admin/sessions/cleanup cancels live sessions idle longer than this,
     #: unless the request names its own `idle_seconds`.
-    idle_seconds: float = attrs.field(default=300.0, validator=_not_negative)
+    idle_seconds: float = attrs.field(default=300.0, validator=not_negative)
     #: The bound on one provider probe.
-    probe_timeout_seconds: float = attrs.field(default=5.0, validator=_positive)
+    probe_timeout_seconds: float = attrs.field(default=5.0, validator=positive)
     #: The bound on each readiness check when /health/ready runs it.
-    check_timeout_seconds: float = attrs.field(default=2.0, validator=_positive)
+    check_timeout_seconds: float = attrs.field(default=2.0, validator=positive)
     #: Readiness fails while the process RSS is above this many MiB (0: off).
-    memory_watermark_mb: float = attrs.field(default=0.0, validator=_not_negative)
+    memory_watermark_mb: float = attrs.field(default=0.0, validator=not_negative)
     #: The bound on the sessions GET /admin/sessions/status lists (oldest first).
-    max_listed_sessions: int = attrs.field(default=1000, validator=_positive)
+    max_listed_sessions: int = attrs.field(default=1000, validator=positive)
 
 
 @attrs.frozen

@@ -36,6 +36,7 @@ from streamvisor.core.chat import ChatRequest, Delta, Usage
 from streamvisor.core.errors import APIError, InvalidRequest, ModelNotFound
 from streamvisor.core.health import Health, require_admin
 from streamvisor.hooks import hookimpl
+from streamvisor.config.validators import positive
 
 log = logging.getLogger("streamvisor.plugins.cache")
 
@@ -58,11 +59,6 @@ _REDIS_MAX_PAGES = 10_000
 _CLIENT_RESTART_DELAY = 1.0
 
 
-def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be greater than 0, got {value}")
-
-
 @attrs.frozen
 class Settings:
     #: "memory": this process only; "redis": shared by every instance using the
@@ -70,11 +66,11 @@ class Settings:
     backend: Literal["memory", "redis"] = "memory"
     #: Memory backend: the budget of all entries (their serialized size); the
     #: least recently used entries are evicted beyond it.
-    max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=_positive)
+    max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=positive)
     #: The largest answer one entry may hold (serialized); larger answers are not stored.
-    max_entry_bytes: int = attrs.field(default=1024 * 1024, validator=_positive)
+    max_entry_bytes: int = attrs.field(default=1024 * 1024, validator=positive)
     #: How long an entry lives after it was stored.
-    ttl_seconds: float = attrs.field(default=3600.0, validator=_positive)
+    ttl_seconds: float = attrs.field(default=3600.0, validator=positive)
     #: Cache requests with a temperature above 0 (their answers vary by design).
     cache_nonzero_temperature: bool = False
     #: Cache requests that set no temperature (the model's default sampling,
@@ -85,10 +81,10 @@ class Settings:
     key_prefix: str = "streamvisor:cache:"
     #: The longest a request waits for the backend (lookup, store); past it the
     #: operation counts as an error and the request goes on without the cache.
-    backend_timeout_seconds: float = attrs.field(default=0.5, validator=_positive)
+    backend_timeout_seconds: float = attrs.field(default=0.5, validator=positive)
     #: Redis: how often the entries and bytes gauges are refreshed (and expired
     #: entries dropped from the accounting).
-    stats_interval_seconds: float = attrs.field(default=15.0, validator=_positive)
+    stats_interval_seconds: float = attrs.field(default=15.0, validator=positive)
 
     def __attrs_post_init__(self) -> None:
         if self.backend == "memory" and self.max_entry_bytes > self.max_bytes:

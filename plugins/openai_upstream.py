@@ -24,15 +24,11 @@ from streamvisor.core.chat import ChatRequest, Delta, Usage
 from streamvisor.core.errors import APIError, RateLimited, UpstreamError, UpstreamTimeout
 from streamvisor.core.providers import ModelInfo
 from streamvisor.hooks import hookimpl
+from streamvisor.config.validators import positive
 
 log = logging.getLogger("streamvisor.plugins.openai")
 
 _ERROR_BODY_LIMIT = 64 * 1024
-
-
-def _positive(instance: Any, attribute: attrs.Attribute, value: float) -> None:
-    if value <= 0:
-        raise ValueError(f"{attribute.name} must be greater than 0, got {value}")
 
 
 @attrs.frozen
@@ -46,12 +42,12 @@ class Upstream:
     aliases: dict[str, str] = attrs.field(factory=dict)
     #: List the upstream's /models at start-up when no models or aliases are given.
     discover: bool = True
-    connect_timeout: float = attrs.field(default=5.0, validator=_positive)
+    connect_timeout: float = attrs.field(default=5.0, validator=positive)
     #: Longest wait for the next bytes of a response (the gap between chunks).
-    read_timeout: float = attrs.field(default=120.0, validator=_positive)
-    write_timeout: float = attrs.field(default=30.0, validator=_positive)
-    pool_timeout: float = attrs.field(default=10.0, validator=_positive)
-    max_connections: int = attrs.field(default=512, validator=_positive)
+    read_timeout: float = attrs.field(default=120.0, validator=positive)
+    write_timeout: float = attrs.field(default=30.0, validator=positive)
+    pool_timeout: float = attrs.field(default=10.0, validator=positive)
+    max_connections: int = attrs.field(default=512, validator=positive)
     headers: dict[str, str] = attrs.field(factory=dict)
 
 

@@ -43,6 +43,7 @@ from streamvisor.core.errors import APIError, RateLimited, UpstreamError, Upstre
 from streamvisor.core.health import Health
 from streamvisor.core.sessions import unwrap
 from streamvisor.hooks import hookimpl
+from streamvisor.config.validators import at_least_one, not_negative, positive
 
 log = logging.getLogger("streamvisor.plugins.retry")
 
@@ -73,21 +74,6 @@ STATE_VALUES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
 # -- settings --------------------------------------------------------------------
 
 
-def _positive(instance: Any, attribute: attrs.Attribute, value: float | None) -> None:
-    if value is not None and value <= 0:
-        raise ValueError(f"{attribute.name} must be greater than 0, got {value}")
-
-
-def _not_negative(instance: Any, attribute: attrs.Attribute, value: float | None) -> None:
-    if value is not None and value < 0:
-        raise ValueError(f"{attribute.name} must be 0 or more, got {value}")
-
-
-def _at_least_one(instance: Any, attribute: attrs.Attribute, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise ValueError(f"{attribute.name} must be at least 1, got {value}")
-
-
 def _multiplier(instance: Any, attribute: attrs.Attribute, value: float | None) -> None:
     if value is not None and value < 1:
         raise ValueError(f"{attribute.name} must be 1 or more, got {value}")
@@ -98,12 +84,12 @@ class PolicyOverride:
     """A `[plugins.retry.providers.NAME]` or `[plugins.retry.models.NAME]` table:
     the keys it sets replace the defaults; the others are inherited."""
 
-    attempts: int | None = attrs.field(default=None, validator=_at_least_one)
-    deadline: float | None = attrs.field(default=None, validator=_positive)
-    backoff_initial: float | None = attrs.field(default=None, validator=_not_negative)
-    backoff_max: float | None = attrs.field(default=None, validator=_not_negative)
+    attempts: int | None = attrs.field(default=None, validator=at_least_one)
+    deadline: float | None = attrs.field(default=None, validator=positive)
+    backoff_initial: float | None = attrs.field(default=None, validator=not_negative)
+    backoff_max: float | None = attrs.field(default=None, validator=not_negative)
     backoff_multiplier: float | None = attrs.field(default=None, validator=_multiplier)
-    jitter: float | None = attrs.field(default=None, validator=_not_negative)
+    jitter: float | None = attrs.field(default=None, validator=not_negative)
     retry_on: list[Reason] | None = None
 
 
@@ -138,11 +124,11 @@ class CircuitSettings:
 
     enabled: bool = True
     #: This many failures (connect errors, timeouts, 5xx) ...
-    failures: int = attrs.field(default=5, validator=_at_least_one)
+    failures: int = attrs.field(default=5, validator=at_least_one)
     #: ... within this many seconds open the circuit ...
-    window: float = attrs.field(default=30.0, validator=_positive)
+    window: float = attrs.field(default=30.0, validator=positive)
     #: ... for this many seconds; then one probe request is let through.
-    cooldown: float = attrs.field(default=30.0, validator=_positive)
+    cooldown: float = attrs.field(default=30.0, validator=positive)
 
 
 def _fallback_chains(instance: Any, attribute: attrs.Attribute, value: dict[str, list[str]]) -> None:
@@ -157,12 +143,12 @@ def _fallback_chains(instance: Any, attribute: attrs.Attribute, value: dict[str,
 
 @attrs.frozen
 class Settings:
-    attempts: int = attrs.field(default=3, validator=_at_least_one)
-    deadline: float = attrs.field(default=30.0, validator=_positive)
-    backoff_initial: float = attrs.field(default=0.5, validator=_not_negative)
-    backoff_max: float = attrs.field(default=8.0, validator=_not_negative)
+    attempts: int = attrs.field(default=3, validator=at_least_one)
+    deadline: float = attrs.field(default=30.0, validator=positive)
+    backoff_initial: float = attrs.field(default=0.5, validator=not_negative)
+    backoff_max: float = attrs.field(default=8.0, validator=not_negative)
     backoff_multiplier: float = attrs.field(default=2.0, validator=_multiplier)
-    jitter: float = attrs.field(default=0.5, validator=_not_negative)
+    jitter: float = attrs.field(default=0.5, validator=not_negative)
     retry_on: list[Reason] = attrs.field(factory=lambda: list(RETRYABLE))
     #: Policies by provider name, then by model name (a model's wins).
     providers: dict[str, PolicyOverride] = attrs.field(factory=dict)
