@@ -60,6 +60,50 @@ class ChunkEncoder:
         return b"id: %d\ndata: %s,\"choices\":[],\"usage\":%s}\n\n" % (offset, self._head, orjson.dumps(usage.to_openai()))
 
 
+class SSEDecoder:
+    """Splits a byte stream of Server-Sent Events into their `data` payloads.
+
+    Fed raw bytes as they arrive (any split), it returns the data of every event
+    completed so far (the `data:` lines of one event joined with newlines). Other
+    fields (`id:`, `event:`, comments) are skipped. The partial line it holds is
+    bounded by `max_line`.
+    """
+
+    def __init__(self, max_line: int = 16 * 1024 * 1024) -> None:
+        self._buffer = b""
+        self._data: list[bytes] = []
+        self.max_line = max_line
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        events: list[bytes] = []
+        buffer = self._buffer + chunk if self._buffer else chunk
+        start = 0
+        while True:
+            end = buffer.find(b"\n", start)
+            if end < 0:
+                break
+            line = buffer[start:end]
+            start = end + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data:
+                    events.append(self._data[0] if len(self._data) == 1 else b"\n".join(self._data))
+                    self._data = []
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+        self._buffer = buffer[start:]
+        if len(self._buffer) > self.max_line:
+            raise ValueError(f"an SSE line is longer than {self.max_line} bytes")
+        return events
+
+    def close(self) -> list[bytes]:
+        """The last event, when the stream ended without its blank line."""
+        events = self.feed(b"\n\n") if self._buffer or self._data else []
+        return events
+
+
 def error_event(error: APIError, request_id: str | None) -> bytes:
     return b"data: " + orjson.dumps(error.body(request_id)) + b"\n\n"
 
