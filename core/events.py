@@ -67,35 +67,45 @@ class _Listener:
     send: trio.MemorySendChannel[Event]
     receive: trio.MemoryReceiveChannel[Event]
     stats: ListenerStats
+    types: frozenset[str]
 
 
 class EventDispatcher:
+    """Fans events out to listeners, each receiving only the types it listens to
+    (all types unless its `on_event` was decorated with `listens_to`)."""
+
     def __init__(self, queue_size: int = 1024) -> None:
         self.queue_size = queue_size
         self._listeners: list[_Listener] = []
+        self._by_type: dict[str, list[_Listener]] = {}
 
-    def add_listener(self, plugin: str, function: Callable[[Event], Any]) -> None:
+    def add_listener(self, plugin: str, function: Callable[[Event], Any], types: frozenset[str] | None = None) -> None:
+        unknown = (types or frozenset()) - set(EVENT_TYPES)
+        if unknown:
+            raise ValueError(f"plugin {plugin!r} listens to unknown event types: {', '.join(sorted(unknown))}")
         send, receive = trio.open_memory_channel[Event](self.queue_size)
-        self._listeners.append(_Listener(plugin, function, send, receive, ListenerStats(plugin)))
+        listener = _Listener(plugin, function, send, receive, ListenerStats(plugin), types or frozenset(EVENT_TYPES))
+        self._listeners.append(listener)
+        for type in listener.types:
+            self._by_type.setdefault(type, []).append(listener)
 
-    @property
-    def active(self) -> bool:
-        """Whether anyone listens; callers skip building events when nobody does."""
-        return bool(self._listeners)
+    def wants(self, type: str) -> bool:
+        """Whether anyone listens to `type`; callers skip building events nobody wants."""
+        return type in self._by_type
 
     @property
     def stats(self) -> list[ListenerStats]:
         return [listener.stats for listener in self._listeners]
 
     def emit(self, type: str, session: Any, **data: Any) -> None:
-        if not self._listeners:
+        if type not in self._by_type:
             return
         self.dispatch(
             Event(type, session.id, session.request_id, session.model, session.provider, time.time(), data, session.identity)
         )
 
     def dispatch(self, event: Event) -> None:
-        for listener in self._listeners:
+        for listener in self._by_type.get(event.type, ()):
             try:
                 listener.send.send_nowait(event)
             except trio.WouldBlock:

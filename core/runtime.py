@@ -19,7 +19,7 @@ import attrs
 import trio
 from prometheus_client import CollectorRegistry, Histogram
 
-from streamvisor.config import StreamvisorConfig
+from streamvisor.config import ConfigError, StreamvisorConfig
 from streamvisor.hooks import PluginHost
 
 from .chat import ChatRequest, Delta
@@ -138,7 +138,11 @@ class Runtime:
 
             await _maybe_await(call(register=add_check))
         for call in host.implementations("on_event"):
-            self.events.add_listener(call.plugin_name, _listener(call))
+            types = getattr(call.function, "streamvisor_event_types", None)
+            try:
+                self.events.add_listener(call.plugin_name, _listener(call), types)
+            except ValueError as exc:
+                raise ConfigError(self.config.source, f"plugins.{call.plugin_name}", "listens_to() with known event types", str(exc)) from None
         self.supervisor.start_child(ChildSpec("session-janitor", self.sessions.janitor))
         for name, run in self.events.services():
             self.supervisor.start_child(ChildSpec(name, run))

@@ -225,7 +225,7 @@ class SessionActor:
                 if len(session.chunks) >= session.max_chunks:
                     raise InternalError(f"the stream exceeded the session buffer bound of {session.max_chunks} chunks")
                 session.append(delta)
-                if events.active:
+                if events.wants("chunk"):
                     events.emit("chunk", session, index=len(session.chunks) - 1)
         finally:
             # Close the provider's generator here, in this task, so that an
@@ -266,11 +266,12 @@ class SessionActor:
                 session.append(Delta(finish_reason="stop"))
         session.finish(state)
         self.registry.retire(session)
-        if self.events.active:
+        kind = "stopped" if state == "shutdown" else state
+        if self.events.wants(kind):
             usage = session.usage
             timings = session.timings()
             self.events.emit(
-                "stopped" if state == "shutdown" else state,
+                kind,
                 session,
                 reason=session.cancel_reason,
                 finish_reason=session.finish_reason,

@@ -6,6 +6,6 @@ A third-party plugin needs only::
 """
 
 from .manager import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, LoadedPlugin, PluginHost
-from .markers import hookimpl, hookspec
+from .markers import hookimpl, hookspec, listens_to
 
-__all__ = ["BUILTIN_PLUGINS", "ENTRY_POINT_GROUP", "LoadedPlugin", "PluginHost", "hookimpl", "hookspec"]
+__all__ = ["BUILTIN_PLUGINS", "ENTRY_POINT_GROUP", "LoadedPlugin", "PluginHost", "hookimpl", "hookspec", "listens_to"]

@@ -43,7 +43,7 @@ from streamvisor.core.chat import Delta
 from streamvisor.core.errors import NotFound
 from streamvisor.core.events import TERMINAL_TYPES, Event
 from streamvisor.core.logs import request_id_var, session_id_var
-from streamvisor.hooks import hookimpl
+from streamvisor.hooks import hookimpl, listens_to
 
 log = logging.getLogger("streamvisor.monitor")
 
@@ -380,10 +380,9 @@ class MonitorPlugin:
         register("/v1/monitor/sessions/<session_id>", self.session_view)
 
     @hookimpl
+    @listens_to("completed", "failed", "stopped", "disconnected", "retry", "fallback", "cache_hit")
     def on_event(self, event: Event) -> None:
         kind = event.type
-        if kind == "chunk":  # most events; the transformer already timed it
-            return
         if kind in TERMINAL_TYPES:
             self._finish(event)
         elif self.metrics is not None:

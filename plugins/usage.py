@@ -41,8 +41,8 @@ from quart import request
 from streamvisor.core.app import json_response
 from streamvisor.core.chat import Delta, Usage
 from streamvisor.core.errors import InvalidRequest
-from streamvisor.core.events import TERMINAL_TYPES, Event
-from streamvisor.hooks import hookimpl
+from streamvisor.core.events import Event
+from streamvisor.hooks import hookimpl, listens_to
 
 log = logging.getLogger("streamvisor.usage")
 
@@ -715,9 +715,8 @@ class UsagePlugin:
         register("/v1/usage/sessions", self.sessions_view)
 
     @hookimpl
+    @listens_to("completed", "failed", "stopped", "disconnected")
     def on_event(self, event: Event) -> None:
-        if event.type not in TERMINAL_TYPES:
-            return
         self.parsers.pop(event.session_id, None)
         if event.session_id in self._recovered:
             del self._recovered[event.session_id]  # recovery recorded it already

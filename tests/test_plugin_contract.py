@@ -9,7 +9,7 @@ import attrs
 import trio
 
 from streamvisor.core.chat import Delta
-from streamvisor.hooks import hookimpl
+from streamvisor.hooks import hookimpl, listens_to
 
 from .conftest import SCRIPTED, start_server
 
@@ -234,3 +234,47 @@ def test_middleware_can_route_to_another_model():
         reply = server.openai().chat.completions.create(model="broken", messages=[{"role": "user", "content": "rescued"}])
     assert reply.choices[0].message.content == "rescued"
     assert reply.model == "broken"
+
+
+class OnlyCompleted:
+    def __init__(self):
+        self.types = []
+
+    @hookimpl
+    @listens_to("completed")
+    def on_event(self, event):
+        self.types.append(event.type)
+
+
+def test_a_listener_receives_only_the_types_it_listens_to():
+    only = OnlyCompleted()
+    everything = Recorder()
+    toml = SCRIPTED + "\n[plugins.only]\n[plugins.everything]\n"
+    with start_server(toml, plugins={"only": only, "everything": everything}) as server:
+        client = server.openai()
+        for _ in range(2):
+            client.chat.completions.create(model="fox", messages=[{"role": "user", "content": "go"}])
+        server.wait_for(lambda: len(only.types) == 2 and [e.type for e in everything.events].count("completed") == 2)
+        stats = {s.plugin: s for s in server.call(lambda: server.runtime.events.stats)}
+    assert only.types == ["completed", "completed"]
+    assert stats["only"].delivered == 2  # no chunk event was ever queued for it
+    assert "chunk" in {e.type for e in everything.events}
+
+
+class ListensToNonsense:
+    @hookimpl
+    @listens_to("complete")
+    def on_event(self, event):
+        pass
+
+
+def test_listening_to_an_unknown_event_type_stops_start_up():
+    import pytest
+
+    from streamvisor.config import ConfigError
+
+    with pytest.raises(RuntimeError) as caught:
+        with start_server("[plugins.typo]", plugins={"typo": ListensToNonsense()}):
+            pass
+    assert "complete" in repr(caught.value.__cause__) and "ConfigError" in repr(caught.value.__cause__)
+    assert ConfigError

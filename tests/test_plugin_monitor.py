@@ -193,7 +193,9 @@ def test_listener_errors_and_reported_events_are_counted_per_plugin():
     assert _value(first, errors, plugin="raiser") == per_session
     assert _value(second, errors, plugin="raiser") == 2 * per_session
     assert _value(second, errors, plugin="monitor") == 0
-    assert _value(second, "streamvisor_event_listener_delivered_total", plugin="monitor") == 2 * per_session
+    # The monitor listens only to terminal and reported events: no chunk event
+    # is ever queued for it (listens_to).
+    assert _value(second, "streamvisor_event_listener_delivered_total", plugin="monitor") == 2 * 4
     assert _value(second, "streamvisor_event_listener_dropped_total", plugin="monitor") == 0
     for name in ("streamvisor_monitor_retries_total", "streamvisor_monitor_fallbacks_total", "streamvisor_monitor_cache_hits_total"):
         assert _value(second, name, model="fox", provider="scripted") == 2, name

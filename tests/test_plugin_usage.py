@@ -338,19 +338,30 @@ def test_buckets_past_max_buckets_fold_into_time_less_history():
 
 
 def test_dropped_terminal_events_are_recovered_from_the_registry():
-    # A queue of 4 events cannot hold a whole fox session (created, started,
-    # first_token, ten chunks, completed): its terminal event is dropped.
-    with _server(event_queue_size=4) as server:
+    # Four sessions stopped at the same moment conclude in one scheduler batch:
+    # their four terminal events reach a listener queue of one before the
+    # listener runs, so three are dropped.
+    with _server(event_queue_size=1) as server:
         client = server.openai()
-        seen = [_ask(client, "fox") for _ in range(4)]
+        streams = [
+            client.chat.completions.create(model="slow", messages=[{"role": "user", "content": "go"}], stream=True)
+            for _ in range(4)
+        ]
+        for stream in streams:
+            next(iter(stream))
+        runtime = server.runtime
+        server.call(lambda: [s.cancel("stopped") for s in list(runtime.sessions.sessions.values()) if not s.finished])
+        for stream in streams:
+            for _ in stream:
+                pass
         plugin = _plugin(server)
         server.wait_for(lambda: plugin.ledger.recorded >= 4, timeout=10)
-        stats = {s.plugin: s for s in server.call(lambda: server.runtime.events.stats)}
+        stats = {s.plugin: s for s in server.call(lambda: runtime.events.stats)}
         assert stats["usage"].dropped > 0
         body = _usage(server)
         assert body["ledger"]["recovered_sessions"] >= 1
         assert body["totals"]["sessions"] == 4
-        assert _tokens(body["totals"]) == _sum(seen)
+        assert body["totals"]["completion_tokens"] >= 4  # partial usage, never zero
         # Nothing is counted twice later.
         time.sleep(0.3)
         assert _usage(server)["totals"]["sessions"] == 4
