@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import openai
 import pytest
 
 from .conftest import SCRIPTED, start_server
+from .fakes import FakeUpstream
 
 
 @pytest.fixture(scope="module")
@@ -103,54 +102,6 @@ def test_stop_closes_the_upstream_request(upstream):
 # -- failure modes, from a stdlib server ---------------------------------------------
 
 
-class FakeUpstream:
-    """Answers POST /chat/completions with whatever the test sets."""
-
-    def __init__(self):
-        self.status = 200
-        self.body = b""
-        self.headers: dict[str, str] = {}
-        self.delay = 0.0
-        self.seen_auth: list[str | None] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_GET(self):
-                self._send(200, json.dumps({"object": "list", "data": [{"id": "m1", "object": "model"}]}).encode(), {})
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                outer.seen_auth.append(self.headers.get("Authorization"))
-                if outer.delay:
-                    time.sleep(outer.delay)
-                self._send(outer.status, outer.body, outer.headers)
-
-            def _send(self, status, body, headers):
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.end_headers()
-                try:
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture(scope="module")
 def fake():
     fake = FakeUpstream()
@@ -167,6 +118,9 @@ read_timeout = 0.5
     fake.close()
 
 
+SSE = {"Content-Type": "text/event-stream"}
+
+
 def _sse(*payloads):
     return b"".join(b"data: " + (p if isinstance(p, bytes) else json.dumps(p).encode()) + b"\n\n" for p in payloads)
 
@@ -178,17 +132,15 @@ def _post(gateway, stream=False):
 
 def test_the_api_key_is_sent_as_a_bearer_token(fake):
     upstream, gateway = fake
-    upstream.status, upstream.headers = 200, {"Content-Type": "text/event-stream"}
-    upstream.body = _sse({"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]}, b"[DONE]")
+    upstream.respond(200, _sse({"choices": [{"delta": {"content": "ok"}, "finish_reason": "stop"}]}, b"[DONE]"), SSE)
     assert _post(gateway).json()["choices"][0]["message"]["content"] == "ok"
     assert upstream.seen_auth[-1] == "Bearer sk-from-env-default"
 
 
 def test_upstream_usage_and_reasoning_and_tool_calls_are_relayed(fake):
     upstream, gateway = fake
-    upstream.status, upstream.headers = 200, {"Content-Type": "text/event-stream"}
     call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":'}}
-    upstream.body = _sse(
+    body = _sse(
         {"choices": [{"delta": {"role": "assistant", "reasoning_content": "thinking"}}]},
         {"choices": [{"delta": {"tool_calls": [call]}}]},
         {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": ' "Oslo"}'}}]}}]},
@@ -196,6 +148,7 @@ def test_upstream_usage_and_reasoning_and_tool_calls_are_relayed(fake):
         {"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18, "completion_tokens_details": {"reasoning_tokens": 1}}},
         b"[DONE]",
     )
+    upstream.respond(200, body, SSE)
     body = _post(gateway).json()
     message = body["choices"][0]["message"]
     assert message["reasoning_content"] == "thinking"
@@ -211,8 +164,7 @@ def test_upstream_usage_and_reasoning_and_tool_calls_are_relayed(fake):
 )
 def test_upstream_error_statuses_map_to_clear_errors(fake, status, expected, code):
     upstream, gateway = fake
-    upstream.status, upstream.headers = status, {"Content-Type": "application/json"}
-    upstream.body = json.dumps({"error": {"message": f"upstream says {status}"}}).encode()
+    upstream.respond(status, json.dumps({"error": {"message": f"upstream says {status}"}}).encode(), {"Content-Type": "application/json"})
     response = _post(gateway, stream=True)
     assert response.status_code == expected
     error = response.json()["error"]
@@ -222,8 +174,7 @@ def test_upstream_error_statuses_map_to_clear_errors(fake, status, expected, cod
 
 def test_a_429_keeps_its_retry_after(fake):
     upstream, gateway = fake
-    upstream.status, upstream.headers = 429, {"Retry-After": "7"}
-    upstream.body = b'{"error": {"message": "slow down"}}'
+    upstream.respond(429, b'{"error": {"message": "slow down"}}', {"Retry-After": "7"})
     response = _post(gateway)
     assert response.status_code == 429
     assert response.headers["Retry-After"] == "7"
@@ -232,7 +183,8 @@ def test_a_429_keeps_its_retry_after(fake):
 
 def test_a_silent_upstream_times_out_with_504(fake):
     upstream, gateway = fake
-    upstream.status, upstream.headers, upstream.body, upstream.delay = 200, {}, b"", 2.0
+    upstream.respond(200)
+    upstream.delay = 2.0
     try:
         t0 = time.perf_counter()
         response = _post(gateway)
@@ -245,8 +197,7 @@ def test_a_silent_upstream_times_out_with_504(fake):
 
 def test_an_error_mid_stream_reaches_the_client(fake):
     upstream, gateway = fake
-    upstream.status, upstream.headers = 200, {"Content-Type": "text/event-stream"}
-    upstream.body = _sse({"choices": [{"delta": {"content": "partial"}}]}, {"error": {"message": "model crashed"}})
+    upstream.respond(200, _sse({"choices": [{"delta": {"content": "partial"}}]}, {"error": {"message": "model crashed"}}), SSE)
     client = openai.OpenAI(base_url=gateway.base, api_key="x", max_retries=0)
     with client:
         stream = client.chat.completions.create(model="m1", messages=[{"role": "user", "content": "x"}], stream=True)

@@ -10,9 +10,7 @@ through the `openai` provider.
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import openai
@@ -24,6 +22,7 @@ from streamvisor.hooks import PluginHost, hookimpl
 from streamvisor.plugins.retry import CircuitBreaker, CircuitSettings
 
 from .conftest import make_config, start_server
+from .fakes import FakeUpstream
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -101,54 +100,14 @@ def _sse_body(text):
     return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
 
 
-class FakeUpstream:
-    """Answers each POST /chat/completions with the next scripted response, then
-    with `default` (a valid stream of `text`). Counts the POSTs it got."""
-
-    def __init__(self, text="fake upstream answer"):
-        self.script: list[tuple[int, dict[str, str], bytes]] = []
-        self.default = (200, {"Content-Type": "text/event-stream"}, _sse_body(text))
-        self.posts = 0
-        self.lock = threading.Lock()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                with outer.lock:
-                    outer.posts += 1
-                    status, headers, body = outer.script.pop(0) if outer.script else outer.default
-                self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                try:
-                    self.wfile.write(body)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def then(self, status, body=b"", **headers):
-        self.script.append((status, {"Content-Type": "application/json", **{k.replace("_", "-"): v for k, v in headers.items()}}, body))
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+def _fake(text="fake upstream answer"):
+    """A stdlib upstream whose default answer is a valid stream of `text`."""
+    return FakeUpstream(200, _sse_body(text), {"Content-Type": "text/event-stream"})
 
 
 @pytest.fixture
 def fake():
-    fake = FakeUpstream()
+    fake = _fake()
     yield fake
     fake.close()
 
