@@ -25,5 +25,9 @@ serve: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest
 
+# The benchmark of issue 4 (several minutes); `.venv/bin/python -m bench --help` for options.
+bench: $(STAMP)
+	$(PY) -m bench
+
 clean:
 	rm -rf $(VENV) *.egg-info tests/example_plugin/*.egg-info
