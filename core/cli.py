@@ -108,7 +108,9 @@ async def serve(
             binds = await nursery.start(lambda task_status: hypercorn_serve(app, hconfig, shutdown_trigger=shutdown.wait, task_status=task_status))
             url = binds[0].replace("0.0.0.0", "127.0.0.1")
             models = ", ".join(m.id for m in runtime.providers.models()) or "none"
-            log.info("streamvisor listening on %s (models: %s)", url, models)
+            # Its own logger, always at INFO: whatever log_level says, an operator
+            # (or a supervisor that passed --port 0) must learn the address.
+            logging.getLogger("streamvisor.ready").info("streamvisor listening on %s (models: %s)", url, models)
             task_status.started(Listening(url, runtime))
 
 

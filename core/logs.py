@@ -55,5 +55,6 @@ def configure(level: str = "info", format: str = "console") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.getLogger("streamvisor.ready").setLevel(logging.INFO)
     # hypercorn's own access log would repeat ours without the ids.
     logging.getLogger("hypercorn.access").disabled = True

@@ -49,6 +49,10 @@ class Upstream:
     write_timeout: float = attrs.field(default=30.0, validator=positive)
     pool_timeout: float = attrs.field(default=10.0, validator=positive)
     max_connections: int = attrs.field(default=512, validator=positive)
+    #: Idle connections kept for reuse. httpcore scans its whole pool on every
+    #: request and every response close, so a pool grown to thousands of idle
+    #: connections costs more than the connects it saves.
+    max_keepalive_connections: int = attrs.field(default=64, validator=positive)
     headers: dict[str, str] = attrs.field(factory=dict)
 
 
@@ -98,7 +102,10 @@ class OpenAIUpstream:
                 write=upstream.write_timeout,
                 pool=upstream.pool_timeout,
             ),
-            limits=httpx.Limits(max_connections=upstream.max_connections, max_keepalive_connections=upstream.max_connections),
+            limits=httpx.Limits(
+                max_connections=upstream.max_connections,
+                max_keepalive_connections=min(upstream.max_keepalive_connections, upstream.max_connections),
+            ),
         )
 
     async def list_models(self) -> list[ModelInfo]:
