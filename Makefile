@@ -27,6 +27,7 @@ test: $(STAMP)
 
 # The benchmark of issue 4 (several minutes); `.venv/bin/python -m bench --help` for options.
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m bench
 
 clean:
