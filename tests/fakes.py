@@ -5,6 +5,7 @@ modes a real model server will not produce on demand (429 with Retry-After,
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -73,3 +74,11 @@ class FakeUpstream:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released): connections to
+    it are refused."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

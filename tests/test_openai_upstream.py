@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from .conftest import SCRIPTED, start_server
-from .fakes import FakeUpstream
+from .fakes import FakeUpstream, closed_port
 
 
 @pytest.fixture(scope="module")
@@ -207,9 +207,7 @@ def test_an_error_mid_stream_reaches_the_client(fake):
 
 
 def test_an_unreachable_upstream_is_502():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+    port = closed_port()
     toml = f"""
 [plugins.openai]
 [[plugins.openai.upstreams]]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import time
 
 import pytest
@@ -17,6 +16,7 @@ from streamvisor.config import ConfigError
 from streamvisor.hooks import PluginHost, hookimpl
 
 from .conftest import SCRIPTED, make_config, start_server
+from .fakes import closed_port
 
 KEY = "test-admin-key"
 ADMIN_ROUTES = [
@@ -32,13 +32,6 @@ name = "stalled"
 text = "one two three"
 delay = 60
 """
-
-
-def _closed_port() -> int:
-    """A loopback port nobody listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _admin(server, key=KEY):
@@ -274,7 +267,7 @@ def test_readiness_names_an_unreachable_upstream_and_health_needs_no_key(monkeyp
 [plugins.openai]
 [[plugins.openai.upstreams]]
 name = "dead"
-base_url = "http://127.0.0.1:{_closed_port()}/v1"
+base_url = "http://127.0.0.1:{closed_port()}/v1"
 models = ["ghost"]
 connect_timeout = 1
 

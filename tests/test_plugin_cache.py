@@ -21,6 +21,7 @@ from streamvisor.core.providers import ModelInfo
 from streamvisor.hooks import hookimpl
 
 from .conftest import CI, start_server
+from .fakes import closed_port
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 ADMIN_KEY = "cache-test-admin-key"
@@ -487,12 +488,6 @@ class BlackHole:
 
     def __exit__(self, *exc):
         self.sock.close()
-
-
-def closed_port() -> int:
-    with closing(socket.socket()) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("failure", ["refused", "hangs"])
