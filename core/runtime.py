@@ -10,6 +10,7 @@ left: when `open` returns, no task of the runtime is running.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from contextlib import asynccontextmanager
@@ -119,24 +120,9 @@ class Runtime:
 
         await host.call("register_middleware", register=add_middleware)
         await host.call("register_chunk_transformers", register=add_transformer)
-        for call in host.implementations("register_routes"):
-
-            def add_route(path: str, view: Callable[..., Any], methods: tuple[str, ...] | list[str] = ("GET",), *, _plugin: str = call.plugin_name) -> None:
-                self.routes.append(PluginRoute(_plugin, path, view, tuple(methods)))
-
-            await _maybe_await(call(register=add_route))
-        for call in host.implementations("register_services"):
-
-            def add_service(name: str, run: Callable[[], Any], restart: str = "permanent", *, _plugin: str = call.plugin_name) -> None:
-                self.supervisor.start_child(ChildSpec(f"{_plugin}:{name}", run, Restart(restart)))
-
-            await _maybe_await(call(register=add_service))
-        for call in host.implementations("register_health_checks"):
-
-            def add_check(name: str, check: HealthCheck, *, _plugin: str = call.plugin_name) -> None:
-                self.health_checks[f"{_plugin}:{name}"] = check
-
-            await _maybe_await(call(register=add_check))
+        await host.call_per_plugin("register_routes", lambda plugin: functools.partial(self._add_route, plugin))
+        await host.call_per_plugin("register_services", lambda plugin: functools.partial(self._add_service, plugin))
+        await host.call_per_plugin("register_health_checks", lambda plugin: functools.partial(self._add_check, plugin))
         for call in host.implementations("on_event"):
             types = getattr(call.function, "streamvisor_event_types", None)
             try:
@@ -146,6 +132,15 @@ class Runtime:
         self.supervisor.start_child(ChildSpec("session-janitor", self.sessions.janitor))
         for name, run in self.events.services():
             self.supervisor.start_child(ChildSpec(name, run))
+
+    def _add_route(self, plugin: str, path: str, view: Callable[..., Any], methods: tuple[str, ...] | list[str] = ("GET",)) -> None:
+        self.routes.append(PluginRoute(plugin, path, view, tuple(methods)))
+
+    def _add_service(self, plugin: str, name: str, run: Callable[[], Any], restart: str = "permanent") -> None:
+        self.supervisor.start_child(ChildSpec(f"{plugin}:{name}", run, Restart(restart)))
+
+    def _add_check(self, plugin: str, name: str, check: HealthCheck) -> None:
+        self.health_checks[f"{plugin}:{name}"] = check
 
     async def _stop(self, grace: float) -> None:
         # Each plugin's shutdown hook runs on its own, within the grace period:

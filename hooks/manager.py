@@ -175,6 +175,15 @@ class PluginHost:
             results.append(result)
         return results
 
+    async def call_per_plugin(self, hook_name: str, make_register: Callable[[str], Callable[..., Any]]) -> None:
+        """Call a registration hook in order, giving each plugin its own
+        ``register`` callback (``make_register(plugin_name)``), so that what it
+        registers is known by the plugin's name."""
+        for call in self.implementations(hook_name):
+            result = call(register=make_register(call.plugin_name))
+            if inspect.isawaitable(result):
+                await result
+
     def __iter__(self) -> Iterator[LoadedPlugin]:
         return iter(sorted(self.plugins.values(), key=lambda p: p.order))
 
