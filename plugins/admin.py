@@ -281,10 +281,8 @@ class AdminPlugin:
     async def probe(self, provider: Any) -> ProbeResult:
         """Probe one provider within `probe_timeout_seconds`; never raises an Exception.
 
-        A provider's own `probe()` wins. Otherwise a provider with an httpx-like
-        `client` (the openai upstreams) is asked for `GET models`: its
-        `list_models()` answers from the configuration without any I/O when
-        models are configured, so it proves nothing. Any other provider is
+        A provider's own `probe()` wins (the openai upstreams ask `GET models`;
+        a provider names what it asks in `probe_method`). Any other provider is
         reachable when `list_models()` succeeds.
         """
         name = provider.name
@@ -294,21 +292,11 @@ class AdminPlugin:
         try:
             with trio.move_on_after(self.settings.probe_timeout_seconds) as scope:
                 own_probe = getattr(provider, "probe", None)
-                client_get = getattr(getattr(provider, "client", None), "get", None)
                 if callable(own_probe):
-                    method = "probe()"
+                    method = str(getattr(provider, "probe_method", "probe()"))
                     result = await _maybe_await(own_probe())
-                    health = Health(True, "probe() succeeded") if result is None else _as_health(result)
+                    health = Health(True, f"{method} succeeded") if result is None else _as_health(result)
                     ok, detail = health.ok, health.detail if isinstance(health.detail, str) else str(health.detail)
-                elif callable(client_get):
-                    method = "GET models"
-                    response = await client_get("models")
-                    status = response.status_code
-                    # Any answer but a server error or a refused key means the
-                    # upstream is there and will take requests; a 404 is a server
-                    # without a /models route.
-                    ok = status < 500 and status not in (401, 403)
-                    detail = f"answered {status}" if ok else f"answered {status} to GET models"
                 else:
                     models = await provider.list_models()
                     ok, detail = True, f"list_models() returned {len(models)} model{'' if len(models) == 1 else 's'}"

@@ -1,14 +1,16 @@
 """The `openai` provider: any OpenAI-compatible server as an upstream.
 
 vLLM, llama.cpp's server, Ollama or a hosted API: each upstream has a base URL, an
-API key (usually `${NAME}` from the environment), explicit timeouts and a pooled
-httpx client. Its models are the configured names and aliases, or, when none are
+API key (usually `${NAME}` from the environment), explicit timeouts and a pool of
+keep-alive connections (`streamvisor.core.httpclient`, a lean HTTP/1.1 client:
+httpx cost half the gateway's CPU per request, see docs/performance.md). Its
+models are the configured names and aliases, or, when none are
 configured, whatever its `/models` lists at start-up.
 
 Every call streams from the upstream (with `include_usage`), whether the client
 asked for a stream or not, so one code path serves both and usage is exact when
 the upstream reports it. Cancelling the session exits the `client.stream` block,
-which closes the upstream connection.
+which closes the upstream connection at once.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ import logging
 from typing import Any, AsyncIterator
 
 import attrs
-import httpx
 import orjson
 
 from streamvisor.core.chat import ChatRequest, Delta, Usage
 from streamvisor.core.errors import APIError, RateLimited, UpstreamError, UpstreamTimeout
+from streamvisor.core.health import Health
+from streamvisor.core.httpclient import HTTPClient, Response, TimeoutError as ClientTimeout, TransportError
 from streamvisor.core.providers import ModelInfo
 from streamvisor.core.sse import SSEDecoder
 from streamvisor.hooks import hookimpl
@@ -30,6 +33,7 @@ from streamvisor.config.validators import positive
 log = logging.getLogger("streamvisor.plugins.openai")
 
 _ERROR_BODY_LIMIT = 64 * 1024
+_JSON = (("Content-Type", "application/json"),)
 
 
 @attrs.frozen
@@ -49,10 +53,15 @@ class Upstream:
     write_timeout: float = attrs.field(default=30.0, validator=positive)
     pool_timeout: float = attrs.field(default=10.0, validator=positive)
     max_connections: int = attrs.field(default=512, validator=positive)
-    #: Idle connections kept for reuse. httpcore scans its whole pool on every
-    #: request and every response close, so a pool grown to thousands of idle
-    #: connections costs more than the connects it saves.
+    #: Idle connections kept for reuse (the newest are reused first).
     max_keepalive_connections: int = attrs.field(default=64, validator=positive)
+    #: An idle connection is not reused after this long: servers close idle
+    #: keep-alive connections (uvicorn after 5 s), and a request written into one
+    #: that is closing fails.
+    keepalive_expiry: float = attrs.field(default=4.0, validator=positive)
+    #: For https:// upstreams: verify the certificate (system CAs, or `ca_file`).
+    verify: bool = True
+    ca_file: str | None = None
     headers: dict[str, str] = attrs.field(factory=dict)
 
 
@@ -93,19 +102,18 @@ class OpenAIUpstream:
         headers = {"Accept": "text/event-stream", **upstream.headers}
         if upstream.api_key:
             headers["Authorization"] = f"Bearer {upstream.api_key}"
-        self.client = httpx.AsyncClient(
-            base_url=upstream.base_url.rstrip("/") + "/",
+        self.client = HTTPClient(
+            upstream.base_url,
             headers=headers,
-            timeout=httpx.Timeout(
-                connect=upstream.connect_timeout,
-                read=upstream.read_timeout,
-                write=upstream.write_timeout,
-                pool=upstream.pool_timeout,
-            ),
-            limits=httpx.Limits(
-                max_connections=upstream.max_connections,
-                max_keepalive_connections=min(upstream.max_keepalive_connections, upstream.max_connections),
-            ),
+            connect_timeout=upstream.connect_timeout,
+            read_timeout=upstream.read_timeout,
+            write_timeout=upstream.write_timeout,
+            pool_timeout=upstream.pool_timeout,
+            max_connections=upstream.max_connections,
+            max_idle=upstream.max_keepalive_connections,
+            idle_expiry=upstream.keepalive_expiry,
+            verify=upstream.verify,
+            ca_file=upstream.ca_file,
         )
 
     async def list_models(self) -> list[ModelInfo]:
@@ -115,29 +123,42 @@ class OpenAIUpstream:
         if models or not upstream.discover:
             return models
         try:
-            response = await self.client.get("models")
-            response.raise_for_status()
-            data = response.json().get("data", [])
+            response, body = await self.client.request("GET", "models")
+            if response.status >= 400:
+                raise ValueError(f"it answered {response.status}: {_error_message(body)}")
+            data = orjson.loads(body).get("data", [])
             return [ModelInfo(str(m["id"]), owned_by=self.name) for m in data if isinstance(m, dict) and "id" in m]
-        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        except (TransportError, ValueError, AttributeError) as exc:
             log.warning("could not list the models of upstream %r at %s: %s", self.name, upstream.base_url, exc)
             return []
+
+    #: What the admin plugin's provider probe reports having asked.
+    probe_method = "GET models"
+
+    async def probe(self) -> Health:
+        """Whether the upstream answers `GET models` (the admin plugin's probe;
+        `list_models()` answers from the configuration when models are
+        configured, so it proves nothing). Any answer but a server error or a
+        refused key means the upstream is there and will take requests; a 404 is
+        a server without a /models route. Transport errors propagate."""
+        response, _ = await self.client.request("GET", "models")
+        status = response.status
+        ok = status < 500 and status not in (401, 403)
+        return Health(ok, f"answered {status}" if ok else f"answered {status} to GET models")
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
         body = request.to_openai()
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
         try:
-            async with self.client.stream("POST", "chat/completions", content=orjson.dumps(body), headers={"Content-Type": "application/json"}) as response:
-                if response.status_code >= 400:
+            async with self.client.stream("POST", "chat/completions", body=orjson.dumps(body), headers=_JSON) as response:
+                if response.status >= 400:
                     raise await self._status_error(response)
-                # Raw bytes and our own SSE split: httpx's text and line layers cost
-                # more per chunk than the rest of the relay. After [DONE] the body is
-                # still read to its end, so that the connection goes back to the pool
-                # instead of being closed (a new connection per request otherwise).
+                # After [DONE] the body is still read to its end, so that the
+                # connection goes back to the pool instead of being closed.
                 decoder = SSEDecoder()
                 done = False
-                async for raw in response.aiter_raw():
+                while raw := await response.receive():
                     for data in decoder.feed(raw):
                         if done or data == b"[DONE]":
                             done = True
@@ -151,9 +172,9 @@ class OpenAIUpstream:
                             delta = self._delta(data)
                             if delta is not None:
                                 yield delta
-        except httpx.TimeoutException as exc:
-            raise UpstreamTimeout(f"Upstream '{self.name}' timed out ({type(exc).__name__}).") from exc
-        except httpx.TransportError as exc:
+        except ClientTimeout as exc:
+            raise UpstreamTimeout(f"Upstream '{self.name}' timed out: {exc}.") from exc
+        except TransportError as exc:
             raise UpstreamError(f"Upstream '{self.name}' is unreachable or broke the connection ({type(exc).__name__}: {exc}).") from exc
         except ValueError as exc:  # the SSE decoder's line bound
             raise UpstreamError(f"Upstream '{self.name}' sent a malformed stream: {exc}.") from exc
@@ -182,16 +203,12 @@ class OpenAIUpstream:
             usage=_usage(usage) if usage else None,
         )
 
-    async def _status_error(self, response: httpx.Response) -> APIError:
-        body = b""
-        async for part in response.aiter_bytes():
-            body += part
-            if len(body) >= _ERROR_BODY_LIMIT:
-                break
-        message = f"Upstream '{self.name}' answered {response.status_code}: {_error_message(body)}"
-        status = response.status_code
+    async def _status_error(self, response: Response) -> APIError:
+        body = await response.read(_ERROR_BODY_LIMIT)
+        message = f"Upstream '{self.name}' answered {response.status}: {_error_message(body)}"
+        status = response.status
         if status == 429:
-            retry_after = response.headers.get("Retry-After")
+            retry_after = response.headers.get("retry-after")
             return RateLimited(message, headers={"Retry-After": retry_after} if retry_after else None)
         if status in (400, 404, 409, 413, 422):
             # The request itself was refused: the client can act on that.

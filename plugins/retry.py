@@ -38,6 +38,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_
 from tenacity.stop import stop_base
 from tenacity.wait import wait_base
 
+from streamvisor.core import httpclient
 from streamvisor.core.chat import ChatRequest, Delta
 from streamvisor.core.errors import APIError, RateLimited, UpstreamError, UpstreamTimeout
 from streamvisor.core.health import Health
@@ -182,15 +183,16 @@ class CircuitOpen(UpstreamError):
 
 def _is_connect_error(error: BaseException) -> bool:
     """Whether the provider raised this because the upstream could not be reached
-    (the openai provider chains the httpx error as the cause)."""
+    (the openai provider chains its `streamvisor.core.httpclient` error as the
+    cause; httpx errors, which other providers may chain, count too)."""
     seen: BaseException | None = error
     for _ in range(CAUSE_DEPTH):
         seen = seen.__cause__ or seen.__context__
         if seen is None:
             return False
-        if isinstance(seen, httpx.TimeoutException):
+        if isinstance(seen, (httpclient.TimeoutError, httpx.TimeoutException)):
             return False
-        if isinstance(seen, (httpx.TransportError, OSError)):
+        if isinstance(seen, (httpclient.ConnectError, httpclient.ReadError, httpclient.WriteError, httpx.TransportError, OSError)):
             return True
     return False
 
