@@ -27,6 +27,7 @@ from . import sse
 from .chat import ChatRequest
 from .errors import APIError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
 from .logs import request_id_var, session_id_var
+from .metrics import Labelled
 from .runtime import Runtime
 from .sessions import Session
 
@@ -80,6 +81,8 @@ def create_app(runtime: Runtime) -> QuartTrio:
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.extensions["streamvisor"] = runtime
 
+    http_requests = Labelled(runtime.http_requests)
+
     @app.before_request
     async def start_request() -> None:
         g.t0 = time.perf_counter()
@@ -97,7 +100,7 @@ def create_app(runtime: Runtime) -> QuartTrio:
             elapsed = (time.perf_counter() - t0) * 1000
             response.headers["Server-Timing"] = f"total;dur={elapsed:.2f}"
             rule = request.url_rule.rule if request.url_rule is not None else "(unmatched)"
-            runtime.http_requests.labels(request.method, rule, str(response.status_code)).observe(elapsed / 1000)
+            http_requests(request.method, rule, str(response.status_code)).observe(elapsed / 1000)
             if response.status_code >= 500:
                 log.warning("%s %s -> %d in %.1f ms", request.method, request.path, response.status_code, elapsed)
             else:

@@ -117,15 +117,28 @@ class EventDispatcher:
 
 
 def _deliverer(listener: _Listener) -> Callable[[], Any]:
+    function, stats, receive = listener.function, listener.stats, listener.receive
+
+    async def handle(event: Event) -> None:
+        try:
+            result = function(event)
+            if inspect.isawaitable(result):
+                await result
+            stats.delivered += 1
+        except Exception:
+            stats.errors += 1
+            log.exception("on_event listener of plugin %r failed on %s event", listener.plugin, event.type)
+
     async def deliver() -> None:
-        async for event in listener.receive:
-            try:
-                result = listener.function(event)
-                if inspect.isawaitable(result):
-                    await result
-                listener.stats.delivered += 1
-            except Exception:
-                listener.stats.errors += 1
-                log.exception("on_event listener of plugin %r failed on %s event", listener.plugin, event.type)
+        async for event in receive:
+            await handle(event)
+            # Then whatever else is queued already (at most the queue's bound),
+            # without a trip through the scheduler per event.
+            while True:
+                try:
+                    event = receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                await handle(event)
 
     return deliver

@@ -203,7 +203,9 @@ class Runtime:
         fallback) reaches whichever provider serves the new name.
         """
         route = self.providers.resolve(request.model)
-        return route.provider.stream(attrs.evolve(request, model=route.target))
+        if route.target != request.model:
+            request = attrs.evolve(request, model=route.target)
+        return route.provider.stream(request)
 
 
 def _listener(call: Any) -> Callable[[Any], Any]:

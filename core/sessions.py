@@ -66,7 +66,9 @@ class Session:
     first_token_at: float | None = None
     finished_at: float | None = None
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    _changed: trio.Event = attrs.field(factory=trio.Event)
+    #: Made by the first follower that waits, set and dropped by the next change:
+    #: a chunk appended while nobody waits costs no Event.
+    _changed: trio.Event | None = None
     _done: trio.Event = attrs.field(factory=trio.Event)
 
     # -- state -----------------------------------------------------------------
@@ -77,14 +79,25 @@ class Session:
 
     def append(self, delta: Delta) -> None:
         self.chunks.append(delta)
-        changed, self._changed = self._changed, trio.Event()
-        changed.set()
+        changed = self._changed
+        if changed is not None:
+            self._changed = None
+            changed.set()
 
     def finish(self, state: str) -> None:
         self.state = state
         self.finished_at = time.perf_counter()
-        self._changed.set()
+        changed = self._changed
+        if changed is not None:
+            self._changed = None
+            changed.set()
         self._done.set()
+
+    async def _wait_change(self) -> None:
+        changed = self._changed
+        if changed is None:
+            changed = self._changed = trio.Event()
+        await changed.wait()
 
     def cancel(self, reason: str) -> bool:
         """Cancel a live session; `reason` becomes its final state. Idempotent."""
@@ -108,12 +121,12 @@ class Session:
             elif self.finished:
                 return
             else:
-                await self._changed.wait()
+                await self._wait_change()
 
     async def wait_first(self) -> None:
         """Wait until the first chunk is buffered or the session has finished."""
         while not self.chunks and not self.finished:
-            await self._changed.wait()
+            await self._wait_change()
 
     async def wait_done(self) -> None:
         await self._done.wait()

@@ -77,10 +77,11 @@ def register_middleware(register):
     """Wrap the provider call (retry, cache, fallback, guardrails).
 
     :param register: call ``register(middleware)`` where ``middleware(request,
-        call_next)`` is an async generator function: it may change the request,
-        call ``call_next(request)`` (an async iterator of `Delta`) zero or more
-        times, and yield the deltas the client should see. The middleware of the
-        first plugin in plugins.toml is outermost.
+        call_next)`` is an async generator function (or a plain function that
+        returns an async iterator, such as ``call_next(request)`` itself): it may
+        change the request, call ``call_next(request)`` (an async iterator of
+        `Delta`) zero or more times, and yield the deltas the client should see.
+        The middleware of the first plugin in plugins.toml is outermost.
     """
 
 

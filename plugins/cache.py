@@ -35,6 +35,7 @@ from quart import request as http_request
 from streamvisor.core.chat import ChatRequest, Delta, Usage
 from streamvisor.core.errors import APIError, InvalidRequest, ModelNotFound
 from streamvisor.core.health import Health, require_admin
+from streamvisor.core.metrics import Labelled
 from streamvisor.hooks import hookimpl
 from streamvisor.config.validators import positive
 
@@ -554,7 +555,7 @@ class CacheMetrics:
 
     hits_total: Counter
     misses_total: Counter
-    bypasses_total: Counter
+    bypasses_total: Labelled
     stores_total: Counter
     errors_total: Counter
     entries: Gauge
@@ -570,8 +571,8 @@ class CacheMetrics:
         return cls(
             hits_total=Counter("streamvisor_cache_hits", "Requests answered from the cache.", registry=registry),
             misses_total=Counter("streamvisor_cache_misses", "Cacheable requests not found in the cache.", registry=registry),
-            bypasses_total=Counter(
-                "streamvisor_cache_bypasses", "Requests the cache did not look up (not cacheable).", ["reason"], registry=registry
+            bypasses_total=Labelled(
+                Counter("streamvisor_cache_bypasses", "Requests the cache did not look up (not cacheable).", ["reason"], registry=registry)
             ),
             stores_total=Counter("streamvisor_cache_stores", "Answers stored in the cache.", registry=registry),
             errors_total=Counter(
@@ -591,7 +592,7 @@ class CacheMetrics:
 
     def bypass(self, reason: str) -> None:
         self.bypasses += 1
-        self.bypasses_total.labels(reason).inc()
+        self.bypasses_total(reason).inc()
 
     def stored(self) -> None:
         self.stores += 1
@@ -768,36 +769,39 @@ class CachePlugin:
             return None
         return f"{route.provider.name}:{route.target}"
 
-    async def middleware(self, request: ChatRequest, call_next: Callable[[ChatRequest], AsyncIterator[Delta]]) -> AsyncIterator[Delta]:
+    def middleware(self, request: ChatRequest, call_next: Callable[[ChatRequest], AsyncIterator[Delta]]) -> AsyncIterator[Delta]:
+        """A plain function, not an async generator: a request the cache does not
+        serve gets the rest of the chain itself, with no layer per chunk."""
         runtime, metrics = self.runtime, self.metrics
-        session = model = None
+        session = model = key = None
         if runtime is None or metrics is None:
             reason: str | None = "not_started"
         else:
             session = runtime.sessions.sessions.get(request.session_id)
             reason = bypass_reason(request, self.settings)
-            model = self.canonical_model(request.model)
-            if reason is None and model is None:
-                reason = "unknown_model"  # the provider call below raises the right error
-        if reason is not None or model is None:
+            if reason is None:
+                model = self.canonical_model(request.model)
+                if model is None:
+                    reason = "unknown_model"  # the provider call raises the right error
+            if reason is None:
+                try:
+                    key = cache_key(request, model)
+                except (TypeError, orjson.JSONEncodeError):
+                    # Only a request built in-process can hold what JSON cannot encode.
+                    reason = "unkeyable"
+        if reason is not None or model is None or key is None:
             if metrics is not None:
                 metrics.bypass(reason or "unknown_model")
-            if session is not None:
+            if session is not None and reason != "unkeyable":
                 session.headers["X-Cache"] = "bypass"
-            async with aclosing(call_next(request)) as stream:
-                async for delta in stream:
-                    yield delta
-            return
+            return call_next(request)
+        return self._through_cache(request, call_next, session, model, key)
 
-        try:
-            key = cache_key(request, model)
-        except (TypeError, orjson.JSONEncodeError):
-            # Only a request built in-process can hold what JSON cannot encode.
-            metrics.bypass("unkeyable")
-            async with aclosing(call_next(request)) as stream:
-                async for delta in stream:
-                    yield delta
-            return
+    async def _through_cache(
+        self, request: ChatRequest, call_next: Callable[[ChatRequest], AsyncIterator[Delta]], session: Any, model: str, key: str
+    ) -> AsyncIterator[Delta]:
+        runtime, metrics = self.runtime, self.metrics
+        assert runtime is not None and metrics is not None
         entry = await self._lookup(key)
         if entry is not None:
             metrics.hit()

@@ -43,6 +43,7 @@ from streamvisor.core.chat import Delta
 from streamvisor.core.errors import NotFound
 from streamvisor.core.events import TERMINAL_TYPES, Event
 from streamvisor.core.logs import request_id_var, session_id_var
+from streamvisor.core.metrics import Labelled
 from streamvisor.hooks import hookimpl, listens_to
 
 log = logging.getLogger("streamvisor.monitor")
@@ -286,16 +287,17 @@ class _ListenerStatsCollector:
 class _Metrics:
     """The monitor's metrics in `runtime.metrics`."""
 
-    sessions: Counter
-    duration: Histogram
-    ttft: Histogram
-    tokens: Counter
-    chunks: Counter
-    bytes: Counter
-    errors: Counter
-    retries: Counter
-    fallbacks: Counter
-    cache_hits: Counter
+    # Labelled: each call gives the child metric of those label values.
+    sessions: Labelled
+    duration: Labelled
+    ttft: Labelled
+    tokens: Labelled
+    chunks: Labelled
+    bytes: Labelled
+    errors: Labelled
+    retries: Labelled
+    fallbacks: Labelled
+    cache_hits: Labelled
     untracked: Counter
 
     @classmethod
@@ -307,33 +309,33 @@ class _Metrics:
         registry.register(_GapHistogram(plugin))
         registry.register(_ListenerStatsCollector(runtime))
         return cls(
-            sessions=Counter("streamvisor_sessions", "Finished sessions by outcome.", [*labels, "outcome"], registry=registry),
-            duration=Histogram(
+            sessions=Labelled(Counter("streamvisor_sessions", "Finished sessions by outcome.", [*labels, "outcome"], registry=registry)),
+            duration=Labelled(Histogram(
                 "streamvisor_stream_duration_seconds",
                 "A session's duration, from its creation to its end.",
                 [*labels, "outcome"],
                 registry=registry,
                 buckets=settings.duration_buckets,
-            ),
-            ttft=Histogram(
+            )),
+            ttft=Labelled(Histogram(
                 "streamvisor_stream_time_to_first_token_seconds",
                 "Time from a session's creation to its first chunk.",
                 labels,
                 registry=registry,
                 buckets=settings.ttft_buckets,
-            ),
-            tokens=Counter(
+            )),
+            tokens=Labelled(Counter(
                 "streamvisor_stream_tokens",
                 "Tokens of finished sessions: type=input (prompt) or output (completion).",
                 [*labels, "type"],
                 registry=registry,
-            ),
-            chunks=Counter("streamvisor_stream_chunks", "Output chunks (content, reasoning or tool calls) streamed.", labels, registry=registry),
-            bytes=Counter("streamvisor_stream_output_bytes", "UTF-8 bytes of content and reasoning streamed.", labels, registry=registry),
-            errors=Counter("streamvisor_stream_errors", "Failed sessions by error type.", [*labels, "error_type"], registry=registry),
-            retries=Counter("streamvisor_monitor_retries", "Retry events seen by the monitor.", labels, registry=registry),
-            fallbacks=Counter("streamvisor_monitor_fallbacks", "Fallback events seen by the monitor.", labels, registry=registry),
-            cache_hits=Counter("streamvisor_monitor_cache_hits", "Cache hit events seen by the monitor.", labels, registry=registry),
+            )),
+            chunks=Labelled(Counter("streamvisor_stream_chunks", "Output chunks (content, reasoning or tool calls) streamed.", labels, registry=registry)),
+            bytes=Labelled(Counter("streamvisor_stream_output_bytes", "UTF-8 bytes of content and reasoning streamed.", labels, registry=registry)),
+            errors=Labelled(Counter("streamvisor_stream_errors", "Failed sessions by error type.", [*labels, "error_type"], registry=registry)),
+            retries=Labelled(Counter("streamvisor_monitor_retries", "Retry events seen by the monitor.", labels, registry=registry)),
+            fallbacks=Labelled(Counter("streamvisor_monitor_fallbacks", "Fallback events seen by the monitor.", labels, registry=registry)),
+            cache_hits=Labelled(Counter("streamvisor_monitor_cache_hits", "Cache hit events seen by the monitor.", labels, registry=registry)),
             untracked=Counter(
                 "streamvisor_monitor_untracked_sessions",
                 "Sessions that streamed output but were not timed (max_tracked_sessions was reached).",
@@ -387,11 +389,11 @@ class MonitorPlugin:
             self._finish(event)
         elif self.metrics is not None:
             if kind == "retry":
-                self.metrics.retries.labels(event.model, event.provider).inc()
+                self.metrics.retries(event.model, event.provider).inc()
             elif kind == "fallback":
-                self.metrics.fallbacks.labels(event.model, event.provider).inc()
+                self.metrics.fallbacks(event.model, event.provider).inc()
             elif kind == "cache_hit":
-                self.metrics.cache_hits.labels(event.model, event.provider).inc()
+                self.metrics.cache_hits(event.model, event.provider).inc()
 
     # -- the hot path ------------------------------------------------------------
 
@@ -510,17 +512,17 @@ class MonitorPlugin:
         metrics = self.metrics
         assert metrics is not None
         model, provider = stats.model, stats.provider
-        metrics.sessions.labels(model, provider, stats.outcome).inc()
+        metrics.sessions(model, provider, stats.outcome).inc()
         if stats.duration_ms is not None:
-            metrics.duration.labels(model, provider, stats.outcome).observe(stats.duration_ms / 1000)
+            metrics.duration(model, provider, stats.outcome).observe(stats.duration_ms / 1000)
         if stats.ttft_ms is not None:
-            metrics.ttft.labels(model, provider).observe(stats.ttft_ms / 1000)
-        metrics.tokens.labels(model, provider, "input").inc(stats.prompt_tokens)
-        metrics.tokens.labels(model, provider, "output").inc(stats.completion_tokens)
-        metrics.chunks.labels(model, provider).inc(stats.chunks)
-        metrics.bytes.labels(model, provider).inc(stats.bytes)
+            metrics.ttft(model, provider).observe(stats.ttft_ms / 1000)
+        metrics.tokens(model, provider, "input").inc(stats.prompt_tokens)
+        metrics.tokens(model, provider, "output").inc(stats.completion_tokens)
+        metrics.chunks(model, provider).inc(stats.chunks)
+        metrics.bytes(model, provider).inc(stats.bytes)
         if stats.error_type is not None:
-            metrics.errors.labels(model, provider, stats.error_type).inc()
+            metrics.errors(model, provider, stats.error_type).inc()
 
     def _log(self, stats: SessionStats) -> None:
         # The listener runs on its own task, whose context carries no request: the

@@ -831,7 +831,10 @@ class UsagePlugin:
         text = delta.content or ""
         if not parser.may_hold_tag(text):
             # The common case: no tag seen, none possible in this text.
-            parser.account(delta.usage, len(text))
+            if delta.usage is None and not parser.tracking:
+                parser.unsettled_chars += len(text)  # what account() does for it, without the call
+            else:
+                parser.account(delta.usage, len(text))
             return delta
         content, reasoning = parser.feed(text)
         if delta.finish_reason is not None:
