@@ -162,8 +162,10 @@ def create_app(runtime: Runtime) -> QuartTrio:
             handed_off = True
             return response
         finally:
-            if not handed_off and not session.detached:
-                session.cancel("disconnected")
+            if not handed_off:
+                if not session.detached:
+                    session.cancel("disconnected")
+                session.release()
 
     @app.get("/v1/sessions/<session_id>")
     async def get_session(session_id: str) -> Response:
@@ -208,3 +210,4 @@ async def _stream(session: Session, encoder: sse.ChunkEncoder, include_usage: bo
         # detached). cancel() does not await, so the cancelled scope is no trap.
         if not session.finished and not session.detached:
             session.cancel("disconnected")
+        session.release()

@@ -66,6 +66,9 @@ class Session:
     first_token_at: float | None = None
     finished_at: float | None = None
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    #: Chunks dropped from the buffer by `release()` (`chunk_count` includes them).
+    dropped_chunks: int = 0
+    _released: bool = False
     #: Made by the first follower that waits, set and dropped by the next change:
     #: a chunk appended while nobody waits costs no Event.
     _changed: trio.Event | None = None
@@ -76,6 +79,11 @@ class Session:
     @property
     def finished(self) -> bool:
         return self.state not in LIVE_STATES
+
+    @property
+    def chunk_count(self) -> int:
+        """Chunks the session produced, including any dropped by `release()`."""
+        return self.dropped_chunks + len(self.chunks)
 
     def append(self, delta: Delta) -> None:
         self.chunks.append(delta)
@@ -92,6 +100,25 @@ class Session:
             self._changed = None
             changed.set()
         self._done.set()
+        if self._released:
+            self._drop_chunks()
+
+    def release(self) -> None:
+        """The opener is done with the buffer: its response is sent, or its client
+        is gone. Once the session has finished, its chunks are dropped and only
+        their count is kept, so that a retained finished session is a handful of
+        objects instead of one per chunk: with thousands retained, the garbage
+        collector's full collections walked every one of them (a fifth of the
+        server's time at 900 streams/s). A detached session keeps its buffer."""
+        if self.detached:
+            return
+        self._released = True
+        if self.finished:
+            self._drop_chunks()
+
+    def _drop_chunks(self) -> None:
+        self.dropped_chunks += len(self.chunks)
+        self.chunks = []
 
     async def _wait_change(self) -> None:
         changed = self._changed
@@ -158,7 +185,7 @@ class Session:
             "finish_reason": self.finish_reason,
             "detached": self.detached,
             "created": int(self.created),
-            "chunks": len(self.chunks),
+            "chunks": self.chunk_count,
             "timings": self.timings(),
             "usage": usage.to_json(),
             "error": None if self.error is None else {"message": self.error.message, "type": self.error.type, "code": self.error.code},
@@ -291,7 +318,7 @@ class SessionActor:
                 usage=usage.to_json(),
                 error=None if session.error is None else session.error.message,
                 error_type=None if session.error is None else session.error.code,
-                chunks=len(session.chunks),
+                chunks=session.chunk_count,
                 first_token_ms=timings["first_token_ms"],
                 duration_ms=timings["duration_ms"],
             )

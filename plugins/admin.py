@@ -528,7 +528,7 @@ class AdminPlugin:
             "created": int(session.created),
             "age_seconds": round(now - session.t0, 3),
             "idle_seconds": None if last_activity is None else round(max(0.0, now - last_activity), 3),
-            "chunks": len(session.chunks),
+            "chunks": session.chunk_count,
             "usage": None if usage is None else usage.to_json(),
         }
 

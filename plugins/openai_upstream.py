@@ -54,7 +54,7 @@ class Upstream:
     pool_timeout: float = attrs.field(default=10.0, validator=positive)
     max_connections: int = attrs.field(default=512, validator=positive)
     #: Idle connections kept for reuse (the newest are reused first).
-    max_keepalive_connections: int = attrs.field(default=64, validator=positive)
+    max_keepalive_connections: int = attrs.field(default=256, validator=positive)
     #: An idle connection is not reused after this long: servers close idle
     #: keep-alive connections (uvicorn after 5 s), and a request written into one
     #: that is closing fails.

@@ -113,6 +113,21 @@ def test_completion_response_names_its_session(scripted_server):
     assert raw.headers["X-Request-ID"]
 
 
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_served_finished_session_keeps_its_metadata_but_not_its_chunks(scripted_server, stream):
+    """Retained sessions stay inspectable, but their buffers are dropped once the
+    response is sent: thousands of retained buffers made every full garbage
+    collection walk each of their chunks."""
+    client = scripted_server.openai()
+    raw = client.chat.completions.with_raw_response.create(model="fox", messages=[{"role": "user", "content": "x"}], stream=stream)
+    text = "".join((c.choices[0].delta.content or "") for c in raw.parse() if c.choices) if stream else raw.parse().choices[0].message.content
+    assert text.startswith("The quick brown fox")
+    session_id = raw.headers["X-Session-ID"]
+    scripted_server.wait_for(lambda: scripted_server.runtime.sessions.get(session_id).chunks == [])
+    inspected = scripted_server.http().get(f"/v1/sessions/{session_id}").json()
+    assert inspected["state"] == "completed" and inspected["chunks"] == len(text.split()) + 1  # the words, then finish_reason
+
 # -- errors ----------------------------------------------------------------------
 
 
