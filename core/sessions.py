@@ -239,6 +239,8 @@ class SessionActor:
 
     async def _relay(self) -> None:
         session, events, transformers = self.session, self.events, self.transformers
+        # Listeners are registered at start-up: ask once per session, not per chunk.
+        chunk_events = events.wants("chunk")
         stream = self.stream(self.request)
         try:
             async for delta in stream:
@@ -253,7 +255,7 @@ class SessionActor:
                         usage = delta.usage
                 if usage is not None:
                     session.usage = usage
-                if delta is None or not delta.visible:
+                if delta is None or not (delta.content or delta.finish_reason or delta.visible):
                     continue
                 if delta.finish_reason is not None:
                     session.finish_reason = delta.finish_reason
@@ -265,7 +267,7 @@ class SessionActor:
                 if len(session.chunks) >= session.max_chunks:
                     raise InternalError(f"the stream exceeded the session buffer bound of {session.max_chunks} chunks")
                 session.append(delta)
-                if events.wants("chunk"):
+                if chunk_events:
                     events.emit("chunk", session, index=len(session.chunks) - 1)
         finally:
             # Close the provider's generator here, in this task, so that an

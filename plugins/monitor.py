@@ -414,11 +414,14 @@ class MonitorPlugin:
                 tracking.gap_sum += gap
                 if gap > tracking.gap_max:
                     tracking.gap_max = gap
-                tracking.gap_counts[bisect.bisect_left(self._gap_bounds, gap)] += 1
+                # Chunks that came in one read are ~0 apart: the first bucket,
+                # without a bisect.
+                bounds = self._gap_bounds
+                tracking.gap_counts[0 if gap <= bounds[0] else bisect.bisect_left(bounds, gap)] += 1
                 tracking.last = now
             tracking.chunks += 1
             if content:
-                tracking.bytes += _utf8_len(content)
+                tracking.bytes += len(content) if content.isascii() else _utf8_len(content)
             if reasoning:
                 tracking.bytes += _utf8_len(reasoning)
         except Exception:
@@ -471,7 +474,7 @@ class MonitorPlugin:
                 self.metrics.untracked.inc()
         if self.metrics is not None:
             self._record_metrics(stats)
-        if self.settings.log_sessions:
+        if self.settings.log_sessions and log.isEnabledFor(logging.INFO):
             self._log(stats)
 
     def _stats(self, event: Event, tracking: _Tracking | None) -> SessionStats:

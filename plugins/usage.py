@@ -829,7 +829,7 @@ class UsagePlugin:
                 self._parsers_checked_at = 2 * len(self.parsers) + 64
             parser = self.parsers[session.id] = ThinkParser(self.settings.think_open, self.settings.think_close)
         text = delta.content or ""
-        if not parser.may_hold_tag(text):
+        if not (parser.tracking or parser.held or parser.open_tag[0] in text):  # may_hold_tag(), inlined
             # The common case: no tag seen, none possible in this text.
             if delta.usage is None and not parser.tracking:
                 parser.unsettled_chars += len(text)  # what account() does for it, without the call
