@@ -56,7 +56,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--only", type=_parts, metavar="SCENARIO[,..]", help="run only these scenarios (default: all)")
     p.add_argument("--duration", type=float, help=f"measured seconds per scenario and concurrency (default {DEFAULTS['duration']:g}, quick {QUICK['duration']:g})")
     p.add_argument("--warmup", type=float, help=f"seconds of load before measuring (default {DEFAULTS['warmup']:g})")
-    p.add_argument("--repeat", type=int, default=1, help="runs per scenario and concurrency; the one with the median req/s is reported (default 1)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds of the throughput scenarios, interleaved, each on fresh server processes; per scenario and concurrency the run with the median req/s is reported (default 1)")
     p.add_argument("--concurrency", type=_ints, default=[1, 32, 256], metavar="1,32,256", help="concurrency levels (default 1,32,256)")
     p.add_argument("--streams", type=int, help=f"streams open at once in the memory scenario (default {DEFAULTS['streams']})")
     p.add_argument("--streams-timeout", type=float, help="seconds the memory scenario's streams may take (default: 120 + 50 ms per stream)")

@@ -100,7 +100,9 @@ class Bench:
             args += ["--watch", f"{name}={pid}"]
         return servers.run_loadgen(self.workdir, "throughput", args, timeout=o["warmup"] + o["duration"] + 120)
 
-    def throughput(self, name: str) -> dict[str, Any]:
+    def throughput(self, name: str, round_label: str = "") -> dict[str, Any]:
+        """One round of scenario `name`: every concurrency once, on a server
+        process of its own (started here, stopped at the end)."""
         upstream = self.upstream()
         plugins: list[tuple[str, dict[str, Any]]] = []
         config = None
@@ -118,16 +120,8 @@ class Bench:
         runs = []
         try:
             for concurrency in self.o["concurrency"]:
-                repeats = []
-                for i in range(self.o["repeat"]):
-                    of = f" (run {i + 1} of {self.o['repeat']})" if self.o["repeat"] > 1 else ""
-                    self.progress(f"{name}: concurrency {concurrency}, {self.o['duration']} s{of}")
-                    repeats.append(self.load(port, concurrency, stream=name != "non_stream", watch=watch))
-                # The run with the median requests/s stands for all of them.
-                run = sorted(repeats, key=lambda r: r["rps"])[len(repeats) // 2]
-                if len(repeats) > 1:
-                    run["repeats_rps"] = [r["rps"] for r in repeats]
-                    run["repeats_p50_ms"] = [r["latency_ms"]["p50"] for r in repeats]
+                self.progress(f"{name}: concurrency {concurrency}, {self.o['duration']} s{round_label}")
+                run = self.load(port, concurrency, stream=name != "non_stream", watch=watch)
                 if server is not None:
                     run["server_rss_kb"] = rss_kb(server.pid)
                 runs.append(run)
@@ -142,6 +136,40 @@ class Bench:
         if config is not None:
             result["config"] = config
         return result
+
+    def throughput_rounds(self, names: list[str], results: dict[str, Any]) -> None:
+        """`repeat` rounds of the throughput scenarios, interleaved (round 1 of
+        each scenario, then round 2 of each, ...) and each on a fresh server
+        process: drift of the machine over time and the scatter between
+        processes of the same code then hit every scenario alike. Per scenario
+        and concurrency the run with the median req/s is reported; all rounds'
+        req/s are kept in `repeats_rps`."""
+        repeat = self.o["repeat"]
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for i in range(repeat):
+            label = f" (round {i + 1} of {repeat})" if repeat > 1 else ""
+            for name in names:
+                if name in results["failures"]:
+                    continue
+                try:
+                    rounds[name].append(self.throughput(name, label))
+                except Exception as exc:  # one broken scenario must not lose the others
+                    self.progress(f"{name} failed: {exc}")
+                    results["failures"][name] = f"{type(exc).__name__}: {exc}"
+                    self.stop_all()
+        for name, done in rounds.items():
+            if not done:
+                continue
+            merged = done[len(done) // 2]  # its description, plugins and config
+            runs = []
+            for index in range(len(done[0]["runs"])):
+                repeats = [result["runs"][index] for result in done]
+                run = sorted(repeats, key=lambda r: r["rps"])[len(repeats) // 2]
+                if len(repeats) > 1:
+                    run["repeats_rps"] = [r["rps"] for r in repeats]
+                    run["repeats_p50_ms"] = [r["latency_ms"]["p50"] for r in repeats]
+                runs.append(run)
+            results["scenarios"][name] = {**merged, "runs": runs}
 
     # -- memory -------------------------------------------------------------------------
 
@@ -324,11 +352,12 @@ class Bench:
     # -- the whole run ----------------------------------------------------------------------------
 
     def run(self, parts: list[str], results: dict[str, Any]) -> None:
+        self.throughput_rounds([part for part in parts if part in THROUGHPUT], results)
         for part in parts:
+            if part in THROUGHPUT:
+                continue
             try:
-                if part in THROUGHPUT:
-                    results["scenarios"][part] = self.throughput(part)
-                elif part == "micro":
+                if part == "micro":
                     self.progress("micro benchmarks")
                     results["micro"] = micro.run(self.progress)
                 elif part == "local_model":
