@@ -141,3 +141,33 @@ def test_gemma_format_merges_system_into_the_first_user_turn():
         "<start_of_turn>model\n"
     )
     assert [special for text, special in segments if text in ("Be kind.\n\nHi", "Hello!", "Bye")] == [False, False, False]
+
+
+# -- the model thread (no model needed) ----------------------------------------------
+
+
+async def test_model_thread_runs_every_call_on_one_thread_and_passes_errors_back():
+    import threading
+
+    import trio
+
+    from streamvisor.plugins.local import ModelThread
+
+    thread = ModelThread("test-model-thread")
+    try:
+        idents = {await thread.run(threading.get_ident) for _ in range(20)}
+        assert len(idents) == 1 and idents != {threading.get_ident()}
+        assert await thread.run(sum, [1, 2, 3]) == 6
+        with pytest.raises(ZeroDivisionError):
+            await thread.run(lambda: 1 / 0)
+
+        # A cancellation waits for the call in flight (it cannot be interrupted),
+        # then arrives: the call's side effect happened, its result is dropped.
+        done = []
+        with trio.move_on_after(0.05) as scope:
+            await thread.run(lambda: (time.sleep(0.3), done.append(True)))
+            await trio.sleep(0)  # the checkpoint where the cancellation lands
+        assert scope.cancelled_caught and done == [True]
+    finally:
+        await thread.close()
+    assert not thread._thread.is_alive()
