@@ -9,7 +9,12 @@ by streaming the fake upstream's recorded SSE events (50 content chunks, usage,
 - `quart_batched`: the same route sending all 52 events in one body write, as
   streamvisor does when every chunk is ready at once;
 - `asgi`: a bare ASGI callable, without quart, to separate quart's cost from
-  hypercorn's.
+  hypercorn's;
+- `relay`: the least a gateway on this stack does: a quart-trio route that
+  forwards the body of the upstream's answer (`--upstream-port`), read with
+  streamvisor's own HTTP client, with no session, no parsing and no plugins. The
+  memory scenario runs it beside streamvisor as the floor of memory per open
+  stream.
 
 Run: `python -m bench.hello --port 0 [--kind asgi]`; it prints `ready PORT`.
 """
@@ -59,6 +64,38 @@ def quart_app(batched: bool = False) -> Any:
     return app
 
 
+def relay_app(upstream_port: int) -> Any:
+    from quart import Response, request
+    from quart_trio import QuartTrio
+
+    from streamvisor.core.httpclient import HTTPClient
+
+    app = QuartTrio("bench.hello.relay")
+    client = HTTPClient(
+        f"http://127.0.0.1:{upstream_port}/v1", max_connections=100_000, max_idle=256, read_timeout=600, pool_timeout=600
+    )
+    headers = (("Content-Type", "application/json"),)
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        return Response(MODELS, content_type="application/json")
+
+    @app.post("/v1/chat/completions")
+    async def completions() -> Response:
+        body = await request.get_data()
+
+        async def relay():
+            async with client.stream("POST", "chat/completions", body=body, headers=headers) as upstream:
+                while data := await upstream.receive():
+                    yield data
+
+        response = Response(relay(), content_type="text/event-stream")
+        response.timeout = None
+        return response
+
+    return app
+
+
 async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
         while True:
@@ -84,11 +121,14 @@ async def asgi_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
-async def serve(kind: str, port: int) -> None:
+async def serve(kind: str, port: int, upstream_port: int = 0) -> None:
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
 
-    app = asgi_app if kind == "asgi" else quart_app(batched=kind == "quart_batched")
+    if kind == "relay":
+        app = relay_app(upstream_port)
+    else:
+        app = asgi_app if kind == "asgi" else quart_app(batched=kind == "quart_batched")
     config = Config()
     config.bind = [f"127.0.0.1:{port}"]
     config.accesslog = None
@@ -114,11 +154,14 @@ async def serve(kind: str, port: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.hello", description=__doc__.split("\n\n")[0])
     p.add_argument("--port", type=int, default=0)
-    p.add_argument("--kind", choices=["quart", "quart_batched", "asgi"], default="quart")
+    p.add_argument("--kind", choices=["quart", "quart_batched", "asgi", "relay"], default="quart")
+    p.add_argument("--upstream-port", type=int, default=0, help="the upstream of --kind relay")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     raise_fd_limit()
-    trio.run(serve, args.kind, args.port)
+    if args.kind == "relay" and not args.upstream_port:
+        p.error("--kind relay needs --upstream-port")
+    trio.run(serve, args.kind, args.port, args.upstream_port)
     return 0
 
 

@@ -144,6 +144,7 @@ def render(results: dict[str, Any]) -> str:
                     ["streams completed", f"{memory['completed']}/{memory['streams']} (within {memory.get('timeout_seconds', 0):.0f} s)"],
                     ["time to open them all", f"{memory['open_seconds']:.1f} s"],
                     ["then, time until the last completed", "-" if memory.get("complete_seconds") is None else f"{memory['complete_seconds']:.1f} s"],
+                    *_floor_rows(memory.get("floor")),
                 ],
             ))
             if memory.get("capped"):
@@ -203,3 +204,15 @@ def write_json(results: dict[str, Any], directory: Path = RESULTS, name: str | N
     path = directory / f"{name or results.get('started') or timestamp()}.json"
     path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")
     return path
+
+
+def _floor_rows(floor: dict[str, Any] | None) -> list[list[str]]:
+    """The relay floor's rows of the memory table (bench/hello.py, kind relay)."""
+    if not floor:
+        return []
+    if "error" in floor:
+        return [["floor: quart-trio relay route", f"failed: {floor['error']}"]]
+    return [
+        ["floor: quart-trio relay route, RSS after warm-up", f"{floor['rss_warm_kb'] / 1024:.1f} MB"],
+        ["floor: per open stream", f"{floor['kb_per_stream']:.1f} KB ({floor['completed']} completed)"],
+    ]

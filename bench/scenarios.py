@@ -189,18 +189,36 @@ class Bench:
             self.progress(f"memory: {capped}")
             if n < 1:
                 return {"skipped": capped}
-        upstream = self.track(servers.start_upstream(self.workdir, interval=interval, gate_timeout=self.o["streams_timeout"], name="upstream-slow"))
-        server_settings = {"max_live_sessions": max(20_000, n + 100)}
-        gateway, _ = self.gateway("streamvisor-memory", upstream=upstream, max_connections=n + 100, server=server_settings)
+        result = self._open_streams("streamvisor", n, interval)
+        result.update({"streams_requested": requested, "capped": capped, "fd_limit": limit})
+        # The floor: the same streams through the least a gateway on this stack
+        # does (bench/hello.py, kind relay).
+        try:
+            floor = self._open_streams("relay", n, interval)
+            result["floor"] = {key: floor[key] for key in ("completed", "open_seconds", "rss_startup_kb", "rss_warm_kb", "rss_open_kb", "kb_per_stream")}
+        except Exception as exc:  # the floor is context, not the measurement
+            self.progress(f"memory: the relay floor failed: {exc}")
+            result["floor"] = {"error": f"{type(exc).__name__}: {exc}"}
+        return result
+
+    def _open_streams(self, which: str, n: int, interval: float) -> dict[str, Any]:
+        """Open `n` streams at once against a slow upstream through `which`
+        (`streamvisor`, or the `relay` hello server) and sample its RSS."""
+        upstream = self.track(servers.start_upstream(self.workdir, interval=interval, gate_timeout=self.o["streams_timeout"], name=f"upstream-slow-{which}"))
+        if which == "relay":
+            gateway = self.track(servers.start_hello(self.workdir, "relay", upstream_port=upstream.port))
+        else:
+            server_settings = {"max_live_sessions": max(20_000, n + 100)}
+            gateway, _ = self.gateway("streamvisor-memory", upstream=upstream, max_connections=n + 100, server=server_settings)
         try:
             time.sleep(1.0)
             rss_startup = rss_kb(gateway.pid)
             warm_count = 5 if self.o["quick"] else 20
-            self.progress(f"memory: warm-up ({warm_count} streams)")
+            self.progress(f"memory ({which}): warm-up ({warm_count} streams)")
             warm = servers.run_loadgen(self.workdir, "streams", ["--port", str(gateway.port), "--count", str(warm_count), "--timeout", "60"], timeout=90, name="loadgen-warm")
             rss_warm = rss_kb(gateway.pid)
             servers.http_json(upstream.port, "POST", f"/bench/gate?n={n}")
-            self.progress(f"memory: {n} streams at once (one chunk every {interval * 1000:.0f} ms)")
+            self.progress(f"memory ({which}): {n} streams at once (one chunk every {interval * 1000:.0f} ms)")
             t0 = time.monotonic()
             loadgen, out = servers.start_loadgen(
                 self.workdir, "streams", ["--port", str(gateway.port), "--count", str(n), "--timeout", str(self.o["streams_timeout"])], name="loadgen-streams"
@@ -235,9 +253,6 @@ class Bench:
             rss_open = max(rss for _, rss in samples)
             return {
                 "streams": n,
-                "streams_requested": requested,
-                "capped": capped,
-                "fd_limit": limit,
                 "chunk_interval_s": interval,
                 "completed": result.get("completed", 0),
                 "errors": result.get("errors"),

@@ -121,8 +121,11 @@ def start_upstream(workdir: Path, interval: float = 0.0, gate_timeout: float = 6
     return proc
 
 
-def start_hello(workdir: Path, kind: str = "quart") -> Proc:
-    proc = Proc(f"hello-{kind}", [PYTHON, "-m", "bench.hello", "--port", "0", "--kind", kind], workdir, stdout_pipe=True)
+def start_hello(workdir: Path, kind: str = "quart", upstream_port: int = 0) -> Proc:
+    argv = [PYTHON, "-m", "bench.hello", "--port", "0", "--kind", kind]
+    if upstream_port:
+        argv += ["--upstream-port", str(upstream_port)]
+    proc = Proc(f"hello-{kind}", argv, workdir, stdout_pipe=True)
     proc.wait_ready_line()
     return proc
 

@@ -177,6 +177,9 @@ class Response:
             if self._done:
                 return b""
             data = self._decode()
+            if self._pos >= len(self._buffer):
+                # All consumed: hold no bytes while the stream waits for more.
+                self._buffer, self._pos = b"", 0
             if data or self._done:
                 return data
             await self._fill()
