@@ -130,8 +130,18 @@ def stream_once(port: int, model: str, prompt: str, max_tokens: int) -> tuple[di
     response = conn.getresponse()
     if response.status != 200:
         raise RuntimeError(f"streamvisor answered {response.status}: {response.read()[:300]!r}")
-    t_first, text, tokens = None, [], 0
+    # While tokens arrive the client only keeps the lines (and notes the first
+    # one): parsing JSON per token here would take CPU from the model on the same
+    # two cores, which the direct side does not pay. Parsed after the clock stops.
+    t_first, lines = None, []
     for raw in response:
+        if t_first is None and raw.startswith(b"data: {"):
+            t_first = time.monotonic()
+        lines.append(raw)
+    t_end = time.monotonic()
+    conn.close()
+    text, tokens = [], 0
+    for raw in lines:
         line = raw.strip()
         if not line.startswith(b"data: ") or line == b"data: [DONE]":
             continue
@@ -141,11 +151,7 @@ def stream_once(port: int, model: str, prompt: str, max_tokens: int) -> tuple[di
         for choice in chunk.get("choices", ()):
             content = choice["delta"].get("content")
             if content:
-                if t_first is None:
-                    t_first = time.monotonic()
                 text.append(content)
-    t_end = time.monotonic()
-    conn.close()
     return _rates(tokens, t0, t_first, t_end), "".join(text)
 
 

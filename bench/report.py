@@ -123,6 +123,12 @@ def render(results: dict[str, Any]) -> str:
         out.append("+p50 = p50 latency added over direct; srv CPU = CPU of the server process, 100% = one core;")
         out.append("other CPU = CPU used meanwhile by processes outside the benchmark)")
         out.append(table(THROUGHPUT_HEADERS, rows))
+        stack = [r for r in results["scenarios"].get("default_stack", {}).get("runs", []) if "ratio_to_provider" in r]
+        if stack:
+            out.append(
+                "default stack / provider alone, req/s paired by round (median): "
+                + ", ".join(f"{r['ratio_to_provider']:.3f} at concurrency {r['concurrency']}" for r in stack)
+            )
         busy = [f"{name}@{run['concurrency']}" for name, sc in results["scenarios"].items() for run in sc["runs"] if run.get("cpu", {}).get("other", 0) > OTHER_CPU_WARNING]
         if busy:
             out.append(f"WARNING: other processes used more than {OTHER_CPU_WARNING:.0%} of a core during {', '.join(busy)}: those numbers are pessimistic")

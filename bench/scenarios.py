@@ -388,7 +388,22 @@ class Bench:
 
 
 def add_ratios(results: dict[str, Any]) -> None:
-    """Each throughput run's req/s ratio to `direct`, and the p50 latency it adds."""
+    """Each throughput run's req/s ratio to `direct`, and the p50 latency it adds;
+    for the default stack, its req/s against the provider alone, paired by round
+    (the median of round i's stack / round i's provider: both ran minutes apart,
+    on the machine in the same state)."""
+    scenarios = results["scenarios"]
+    provider = {r["concurrency"]: r for r in scenarios.get("provider", {}).get("runs", [])}
+    for run in scenarios.get("default_stack", {}).get("runs", []):
+        base = provider.get(run["concurrency"])
+        if base is None:
+            continue
+        stack_rounds = run.get("repeats_rps", [run["rps"]])
+        provider_rounds = base.get("repeats_rps", [base["rps"]])
+        paired = sorted(s / p for s, p in zip(stack_rounds, provider_rounds) if p)
+        if paired:
+            run["ratio_to_provider"] = round(paired[len(paired) // 2], 3)
+            run["ratio_to_provider_rounds"] = [round(r, 3) for r in paired]
     direct = {r["concurrency"]: r for r in results["scenarios"].get("direct", {}).get("runs", [])}
     for name, scenario in results["scenarios"].items():
         for run in scenario["runs"]:
