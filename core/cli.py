@@ -145,7 +145,7 @@ async def _serve_until_signal(config: StreamvisorConfig) -> None:
         # A young collection every 700 net allocations (CPython's default) ran
         # about 150 times a second at 1,000 streams/s, most of it over objects that
         # reference counting frees a moment later: 10,000 cut the collector's time
-        # from 6.5 % of the server to about 1 % (docs/performance.md).
+        # from 4.4 % of the server to about 1 % (docs/architecture.md).
         gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
 
 

@@ -16,7 +16,9 @@ which closes the upstream connection at once.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, AsyncIterator
+from urllib.parse import urlsplit
 
 import attrs
 import orjson
@@ -36,9 +38,30 @@ _ERROR_BODY_LIMIT = 64 * 1024
 _JSON = (("Content-Type", "application/json"),)
 
 
+def _http_url(instance: Any, attribute: attrs.Attribute, value: str) -> None:
+    try:
+        url = urlsplit(value)
+        url.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"{attribute.name}: {exc} in {value!r}") from None
+    if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+        raise ValueError(f"{attribute.name} must be an http:// or https:// URL with a host (like http://127.0.0.1:8000/v1), got {value!r}")
+
+
+def _existing_file(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
+    if value is not None and not Path(value).is_file():
+        raise ValueError(f"{attribute.name}: no file at {value!r}")
+
+
+def _header_values(instance: Any, attribute: attrs.Attribute, value: dict[str, str]) -> None:
+    for name, text in value.items():
+        if not name or any(c in name for c in " \t\r\n:") or any(c in str(text) for c in "\r\n\0"):
+            raise ValueError(f"{attribute.name}: invalid header {name!r} (names without spaces or colons, values on one line)")
+
+
 @attrs.frozen
 class Upstream:
-    base_url: str
+    base_url: str = attrs.field(validator=_http_url)
     name: str = "upstream"
     api_key: str = ""
     #: Model names served as they are.
@@ -61,8 +84,8 @@ class Upstream:
     keepalive_expiry: float = attrs.field(default=4.0, validator=positive)
     #: For https:// upstreams: verify the certificate (system CAs, or `ca_file`).
     verify: bool = True
-    ca_file: str | None = None
-    headers: dict[str, str] = attrs.field(factory=dict)
+    ca_file: str | None = attrs.field(default=None, validator=_existing_file)
+    headers: dict[str, str] = attrs.field(factory=dict, validator=_header_values)
 
 
 @attrs.frozen

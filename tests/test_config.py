@@ -93,6 +93,15 @@ def test_validators_and_server_settings(tmp_path):
     assert message.endswith("plugins.local: expected a table, found 3 (an integer)")
     message, _ = _error(tmp_path, "[plugins.openai]\n[[plugins.openai.upstreams]]\nname = 'x'\n")
     assert message.endswith("plugins.openai.upstreams[0].base_url: expected a string, found nothing (it is required)")
+    upstream = "[plugins.openai]\n[[plugins.openai.upstreams]]\nname = 'x'\n"
+    message, _ = _error(tmp_path, upstream + "base_url = 'localhost:8000/v1'\n")
+    assert "plugins.openai.upstreams[0]" in message and "base_url must be an http:// or https:// URL with a host" in message
+    message, _ = _error(tmp_path, upstream + "base_url = 'http://127.0.0.1:port/v1'\n")
+    assert "base_url: Port could not be cast to integer value" in message
+    message, _ = _error(tmp_path, upstream + "base_url = 'https://h/v1'\nca_file = '/nowhere/ca.pem'\n")
+    assert "ca_file: no file at '/nowhere/ca.pem'" in message
+    message, _ = _error(tmp_path, upstream + "base_url = 'http://h/v1'\nheaders = { 'X-A' = \"a\\r\\nHost: evil\" }\n")
+    assert "headers: invalid header 'X-A'" in message
 
 
 def test_syntax_errors_and_missing_files(tmp_path):
