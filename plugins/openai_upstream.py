@@ -16,6 +16,7 @@ which closes the upstream connection at once.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, AsyncIterator
 from urllib.parse import urlsplit
@@ -116,12 +117,33 @@ def _usage(data: dict[str, Any]) -> Usage:
     )
 
 
+def _proxy_for(url: str) -> str | None:
+    """The proxy variable that would apply to `url` (httpx and curl honour them;
+    our client does not, and says so rather than ignore them silently)."""
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    no_proxy = os.environ.get("NO_PROXY") or os.environ.get("no_proxy") or ""
+    for entry in (e.strip().lower().lstrip(".") for e in no_proxy.split(",")):
+        if entry == "*" or (entry and (host == entry or host.endswith("." + entry))):
+            return None
+    for name in (f"{parts.scheme.upper()}_PROXY", f"{parts.scheme}_proxy", "ALL_PROXY", "all_proxy"):
+        if os.environ.get(name):
+            return name
+    return None
+
+
 class OpenAIUpstream:
     """One OpenAI-compatible upstream, registered as a provider named after it."""
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
         self.name = upstream.name
+        proxy = _proxy_for(upstream.base_url)
+        if proxy:
+            log.warning(
+                "upstream %r (%s) is reached directly: %s is set, but streamvisor does not go through proxies",
+                upstream.name, upstream.base_url, proxy,
+            )
         headers = {"Accept": "text/event-stream", **upstream.headers}
         if upstream.api_key:
             headers["Authorization"] = f"Bearer {upstream.api_key}"

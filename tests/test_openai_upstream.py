@@ -220,3 +220,21 @@ connect_timeout = 1
         response = http.post("/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}]})
         assert response.status_code == 502
         assert "unreachable" in response.json()["error"]["message"]
+
+
+def test_a_proxy_variable_is_not_ignored_silently(monkeypatch, caplog):
+    from streamvisor.plugins.openai_upstream import OpenAIUpstream, Upstream
+
+    for name in ("HTTP_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "localhost,.internal")
+    with caplog.at_level("WARNING", logger="streamvisor.plugins.openai"):
+        OpenAIUpstream(Upstream(base_url="https://api.example.com/v1", name="hosted"))
+        OpenAIUpstream(Upstream(base_url="https://models.internal/v1", name="inside"))
+        OpenAIUpstream(Upstream(base_url="http://127.0.0.1:8001/v1", name="plain"))
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == [
+        "upstream 'hosted' (https://api.example.com/v1) is reached directly: HTTPS_PROXY is set, but streamvisor does not go through proxies"
+    ]
+
