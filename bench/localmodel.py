@@ -9,7 +9,8 @@ limit.
   way the provider does (`LocalProvider.load`) and runs the provider's loop over
   `Llama.generate` in one thread, with no server and no per-token thread hop.
 - Through streamvisor: `streamvisor serve` with only the local provider, one
-  streamed request at a time over HTTP.
+  streamed request at a time over HTTP, from a client process at nice 10 (the
+  harness should take as little CPU from the model as it can).
 
 Each side reports tokens/s over the whole request (prompt evaluation included)
 and over decoding only (from the first token on), as medians of `runs` runs
@@ -24,6 +25,7 @@ import codecs
 import http.client
 import json
 import statistics
+import subprocess
 import sys
 import time
 import tomllib
@@ -103,6 +105,17 @@ def direct(max_tokens: int, runs: int, prompt: str) -> dict[str, Any]:
 
     prompt_tokens = len(provider.tokenize(request))
     once(8)  # warm-up
+    if runs == 0:
+        # Serve runs on demand, one per line "run" on stdin, one JSON line each,
+        # so that the caller can interleave them with the other side's runs.
+        print(json.dumps({"ready": True, "prompt_tokens": prompt_tokens}), flush=True)
+        for line in sys.stdin:
+            if line.strip() != "run":
+                break
+            rates, text = once(max_tokens)
+            print(json.dumps({**rates, "text": text}), flush=True)
+        llm.close()
+        return {}
     results, text = [], ""
     for _ in range(runs):
         rates, text = once(max_tokens)
@@ -163,24 +176,45 @@ def measure(workdir: Path, runs: int = 3, max_tokens: int = MAX_TOKENS, prompt: 
         return {"skipped": "streamvisor[local] is not installed (llama-cpp-python and the packaged model)"}
     settings = local_settings()
     model = settings.get("model", "gemma-3-270m")
-    progress("local model: through streamvisor")
+    progress(f"local model: {runs} runs a side, interleaved (streamvisor, direct, streamvisor, ...)")
     proc = servers.start_streamvisor(workdir, servers.gateway_config(None, local=settings), name="streamvisor-local")
+    # Direct: a process of its own with the model loaded, running one generation
+    # per line on its stdin, so that its runs interleave with streamvisor's and
+    # each pair sees the machine in the same state.
+    direct_proc = subprocess.Popen(
+        [servers.PYTHON, "-m", "bench.localmodel", "direct", "--runs", "0", "--max-tokens", str(max_tokens), "--prompt", prompt],
+        cwd=servers.ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=(workdir / "local-direct.log").open("wb"), text=True,
+    )
     try:
-        stream_once(proc.port, model, prompt, 8)  # warm-up
-        sv_runs, sv_text = [], ""
-        for _ in range(runs):
-            rates, sv_text = stream_once(proc.port, model, prompt, max_tokens)
-            sv_runs.append(rates)
+        assert direct_proc.stdin is not None and direct_proc.stdout is not None
+        ready = json.loads(direct_proc.stdout.readline() or "{}")
+        if not ready.get("ready"):
+            raise RuntimeError(f"the direct llama-cpp-python side did not start: {(workdir / 'local-direct.log').read_text()[-2000:]}")
+        sv_runs, direct_runs, sv_text, direct_text = [], [], "", ""
+        for i in range(runs + 1):  # the first pair warms both sides up
+            # A pause before each run: the other side's OpenMP threads spin for a
+            # moment after its last token, and would be charged to this one.
+            time.sleep(0.5)
+            rates, text = _client_run(workdir, proc.port, model, prompt, max_tokens)
+            time.sleep(0.5)
+            direct_proc.stdin.write("run\n")
+            direct_proc.stdin.flush()
+            line = json.loads(direct_proc.stdout.readline())
+            if i:
+                sv_runs.append(rates)
+                sv_text = text
+                direct_text = line.pop("text")
+                direct_runs.append(line)
     finally:
         proc.stop()
-    progress("local model: llama-cpp-python directly")
-    out = workdir / "local-direct.json"
-    child = servers.Proc("local-direct", [servers.PYTHON, "-m", "bench.localmodel", "direct", "--runs", str(runs), "--max-tokens", str(max_tokens), "--out", str(out)], workdir)
-    code = child.popen.wait(600)
-    child.stop()
-    if code != 0:
-        raise RuntimeError(f"the direct llama-cpp-python run failed:\n{child.log_tail()}")
-    direct_side = json.loads(out.read_text())
+        if direct_proc.stdin is not None:
+            direct_proc.stdin.close()
+        try:
+            direct_proc.wait(30)
+        except subprocess.TimeoutExpired:
+            direct_proc.kill()
+    direct_side = {**_median_side(direct_runs), "text": direct_text, "prompt_tokens": ready["prompt_tokens"]}
+    paired = sorted(s["tps"] / d["tps"] for s, d in zip(sv_runs, direct_runs))
     sv_side = _median_side(sv_runs)
     return {
         "prompt": prompt,
@@ -191,22 +225,61 @@ def measure(workdir: Path, runs: int = 3, max_tokens: int = MAX_TOKENS, prompt: 
         "settings": settings,
         "direct": {k: v for k, v in direct_side.items() if k != "text"},
         "streamvisor": sv_side,
-        "ratio": round(sv_side["tps"] / direct_side["tps"], 3),
+        "ratio": round(paired[len(paired) // 2], 3),
+        "ratio_runs": [round(r, 3) for r in paired],
+        "ratio_of_medians": round(sv_side["tps"] / direct_side["tps"], 3),
         "decode_ratio": round(sv_side["decode_tps"] / direct_side["decode_tps"], 3),
         "same_text": sv_text == direct_side["text"],
         "text": sv_text,
     }
 
 
+def _client_run(workdir: Path, port: int, model: str, prompt: str, max_tokens: int) -> tuple[dict[str, Any], str]:
+    """One streamed request through streamvisor, from a client process at nice 10:
+    the client is the harness, not the system under test, and should take as
+    little as it can from the model's threads on the same cores (the direct side
+    has no client at all)."""
+    from . import servers
+
+    out = workdir / "local-client.json"
+    client = servers.Proc(
+        "local-client",
+        [servers.PYTHON, "-m", "bench.localmodel", "client", "--port", str(port), "--model", model,
+         "--runs", "1", "--max-tokens", str(max_tokens), "--prompt", prompt, "--out", str(out)],
+        workdir,
+        nice=10,
+    )
+    code = client.popen.wait(600)
+    client.stop()
+    if code != 0:
+        raise RuntimeError(f"the local-model client failed:\n{client.log_tail()}")
+    result = json.loads(out.read_text())
+    return result["runs"][0], result["text"]
+
+
+def client(port: int, model: str, max_tokens: int, runs: int, prompt: str) -> dict[str, Any]:
+    """`runs` streamed requests through streamvisor (`python -m bench.localmodel client`)."""
+    results, text = [], ""
+    for _ in range(runs):
+        rates, text = stream_once(port, model, prompt, max_tokens)
+        results.append(rates)
+    return {"runs": results, "text": text}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.localmodel")
-    p.add_argument("side", choices=["direct"])
+    p.add_argument("side", choices=["direct", "client"])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
     p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--port", type=int, help="streamvisor's port (side client)")
+    p.add_argument("--model", help="the model name (side client)")
     p.add_argument("--out")
     args = p.parse_args(argv)
-    result = direct(args.max_tokens, args.runs, args.prompt)
+    if args.side == "client":
+        result = client(args.port, args.model, args.max_tokens, args.runs, args.prompt)
+    else:
+        result = direct(args.max_tokens, args.runs, args.prompt)
     text = json.dumps(result)
     if args.out:
         Path(args.out).write_text(text)

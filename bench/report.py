@@ -186,7 +186,11 @@ def render(results: dict[str, Any]) -> str:
                     ["through streamvisor", local["streamvisor"]["tokens"], local["streamvisor"]["tps"], local["streamvisor"]["decode_tps"], local["runs"]],
                 ],
             ))
-            out.append(f"  streamvisor / direct: {local['ratio']:.3f} (whole request), {local['decode_ratio']:.3f} (decode); same text: {local['same_text']}")
+            pairs = ", ".join(f"{r:.3f}" for r in local.get("ratio_runs", []))
+            out.append(
+                f"  streamvisor / direct: {local['ratio']:.3f} (median of the runs paired in time: {pairs or '-'}), "
+                f"{local['decode_ratio']:.3f} (decode, medians); same text: {local['same_text']}"
+            )
     profile = results.get("profile")
     if profile and "skipped" in profile:
         out.append("")

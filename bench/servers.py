@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import selectors
 import signal
@@ -35,7 +36,7 @@ START_TIMEOUT = 120.0
 class Proc:
     """A subprocess with a name, its output in `log`, stopped by `stop()`."""
 
-    def __init__(self, name: str, argv: list[str], workdir: Path, stdout_pipe: bool = False) -> None:
+    def __init__(self, name: str, argv: list[str], workdir: Path, stdout_pipe: bool = False, nice: int = 0) -> None:
         self.name = name
         self.argv = argv
         self.log = workdir / f"{name}.log"
@@ -46,6 +47,7 @@ class Proc:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout_pipe else self._log_file,
             stderr=self._log_file,
+            preexec_fn=(lambda: os.nice(nice)) if nice else None,
         )
         self.port = 0
 
