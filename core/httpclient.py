@@ -35,12 +35,14 @@ import collections
 import ssl
 import time
 from typing import Iterable
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import trio
 
 __all__ = [
     "HTTPClient",
+    "check_base_url",
+    "check_header",
     "Response",
     "TransportError",
     "ConnectError",
@@ -404,11 +406,7 @@ class HTTPClient:
         ca_file: str | None = None,
         max_header_bytes: int = 64 * 1024,
     ) -> None:
-        url = urlsplit(base_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"an upstream URL must be http:// or https:// with a host, not {base_url!r}")
-        if url.query or url.fragment:
-            raise ValueError(f"an upstream URL has no query or fragment: {base_url!r}")
+        url = check_base_url(base_url)
         self.base_url = base_url
         self.host = url.hostname
         self.tls = url.scheme == "https"
@@ -597,9 +595,28 @@ class HTTPClient:
             idle.popleft().close()
 
 
-def _header_line(name: str, value: str) -> bytes:
+def check_base_url(base_url: str, name: str = "the upstream URL") -> SplitResult:
+    """`base_url` parsed, or a ValueError that says what is wrong with it (calling
+    it `name`): `http://` or `https://`, a host, a numeric port if any, no query
+    or fragment. Configuration validates with it too."""
+    try:
+        url = urlsplit(base_url)
+        url.port  # noqa: B018 - raises ValueError for a port that is not a number
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc} in {base_url!r}") from None
+    if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
+        raise ValueError(f"{name} must be an http:// or https:// URL with a host (like http://127.0.0.1:8000/v1), got {base_url!r}")
+    return url
+
+
+def check_header(name: str, value: str) -> None:
+    """A ValueError unless `name: value` can be sent as one header line."""
     if not name or any(c in name for c in " \t\r\n:") or any(c in value for c in "\r\n\0"):
-        raise ValueError(f"invalid header {name!r}")
+        raise ValueError(f"invalid header {name!r} (names without spaces or colons, values on one line)")
+
+
+def _header_line(name: str, value: str) -> bytes:
+    check_header(name, value)
     return f"{name}: {value}\r\n".encode("latin-1")
 
 

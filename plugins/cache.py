@@ -789,12 +789,13 @@ class CachePlugin:
                 except (TypeError, orjson.JSONEncodeError):
                     # Only a request built in-process can hold what JSON cannot encode.
                     reason = "unkeyable"
-        if reason is not None or model is None or key is None:
+        if reason is not None:
             if metrics is not None:
-                metrics.bypass(reason or "unknown_model")
+                metrics.bypass(reason)
             if session is not None and reason != "unkeyable":
                 session.headers["X-Cache"] = "bypass"
             return call_next(request)
+        assert model is not None and key is not None  # no reason to bypass: both were made
         return self._through_cache(request, call_next, session, model, key)
 
     async def _through_cache(

@@ -27,7 +27,7 @@ import orjson
 from streamvisor.core.chat import ChatRequest, Delta, Usage
 from streamvisor.core.errors import APIError, RateLimited, UpstreamError, UpstreamTimeout
 from streamvisor.core.health import Health
-from streamvisor.core.httpclient import HTTPClient, Response, TimeoutError as ClientTimeout, TransportError
+from streamvisor.core.httpclient import HTTPClient, Response, TimeoutError as ClientTimeout, TransportError, check_base_url, check_header
 from streamvisor.core.providers import ModelInfo
 from streamvisor.core.sse import SSEDecoder
 from streamvisor.hooks import hookimpl
@@ -40,13 +40,7 @@ _JSON = (("Content-Type", "application/json"),)
 
 
 def _http_url(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    try:
-        url = urlsplit(value)
-        url.port  # noqa: B018 - raises ValueError for a port that is not a number
-    except ValueError as exc:
-        raise ValueError(f"{attribute.name}: {exc} in {value!r}") from None
-    if url.scheme not in ("http", "https") or not url.hostname or url.query or url.fragment:
-        raise ValueError(f"{attribute.name} must be an http:// or https:// URL with a host (like http://127.0.0.1:8000/v1), got {value!r}")
+    check_base_url(value, attribute.name)
 
 
 def _existing_file(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
@@ -56,8 +50,10 @@ def _existing_file(instance: Any, attribute: attrs.Attribute, value: str | None)
 
 def _header_values(instance: Any, attribute: attrs.Attribute, value: dict[str, str]) -> None:
     for name, text in value.items():
-        if not name or any(c in name for c in " \t\r\n:") or any(c in str(text) for c in "\r\n\0"):
-            raise ValueError(f"{attribute.name}: invalid header {name!r} (names without spaces or colons, values on one line)")
+        try:
+            check_header(name, str(text))
+        except ValueError as exc:
+            raise ValueError(f"{attribute.name}: {exc}") from None
 
 
 @attrs.frozen

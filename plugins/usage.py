@@ -441,9 +441,6 @@ class ThinkParser:
         #: The provider reports reasoning tokens itself: never restate its usage.
         self.provider_counts = False
 
-    def may_hold_tag(self, text: str) -> bool:
-        return self.tracking or self.held != "" or self.open_tag[0] in text
-
     # -- text ---------------------------------------------------------------------
 
     def feed(self, text: str) -> tuple[str, str]:
@@ -829,8 +826,9 @@ class UsagePlugin:
                 self._parsers_checked_at = 2 * len(self.parsers) + 64
             parser = self.parsers[session.id] = ThinkParser(self.settings.think_open, self.settings.think_close)
         text = delta.content or ""
-        if not (parser.tracking or parser.held or parser.open_tag[0] in text):  # may_hold_tag(), inlined
-            # The common case: no tag seen, none possible in this text.
+        if not (parser.tracking or parser.held or parser.open_tag[0] in text):
+            # The common case: no tag seen, none held back, and none can start in
+            # this text.
             if delta.usage is None and not parser.tracking:
                 parser.unsettled_chars += len(text)  # what account() does for it, without the call
             else:
