@@ -40,8 +40,11 @@ class ServerSettings:
     max_session_chunks: int = attrs.field(default=100_000, validator=positive)
     #: The bound on sessions running at once; past it requests get 503.
     max_live_sessions: int = attrs.field(default=20_000, validator=positive)
-    #: The bound of each event listener's queue; events past it are dropped and counted.
+    #: The bound of each event listener's queue of non-terminal events; events
+    #: past it are dropped and counted (terminal events are never dropped).
     event_queue_size: int = attrs.field(default=1024, validator=positive)
+    #: An async event listener call that takes longer is cancelled and counted.
+    listener_timeout_seconds: float = attrs.field(default=30.0, validator=positive)
     #: Grace period for sessions to finish when the server shuts down.
     shutdown_grace_seconds: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
     #: Supervisor restart intensity: at most this many restarts ...

@@ -73,6 +73,10 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(options) == 1:
+            # An optional setting: its one type's error is the precise one
+            # (it names the array item or table key that is wrong).
+            return _convert(options[0], value, key, source)
         for option in options:
             try:
                 return _convert(option, value, key, source)

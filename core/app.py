@@ -4,20 +4,24 @@ Every response carries `X-Request-ID` (the client's when it sent a sane one) and
 `Server-Timing`; every error, whatever raised it, leaves as the OpenAI error
 envelope. Streaming responses have quart's response timeout switched off (it would
 cut a stream at 60 s) and are bound to their session: when the client goes away,
-the handler is cancelled and the session is cancelled with it, unless detached.
+the handler is cancelled and the session is cancelled with it.
+
+Plugin routes are added after the core routes. An exception from a plugin's view
+that is not an `APIError` is a fault of that plugin: counted, logged, and
+answered with a 500 envelope like any other.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from pathlib import Path
 import re
 import time
 import uuid
-from typing import Any, AsyncIterator
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
 
 import attrs
-import orjson
 import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
@@ -25,20 +29,16 @@ from werkzeug.exceptions import HTTPException
 
 from . import sse
 from .chat import ChatRequest
-from .errors import APIError, InternalError, InvalidRequest, MethodNotAllowed, NotFound, PayloadTooLarge
+from .errors import APIError, InternalError, MethodNotAllowed, NotFound, PayloadTooLarge
 from .logs import request_id_var, session_id_var
 from .metrics import Labelled
 from .runtime import Runtime
 from .sessions import Session
+from .web import json_response, read_json
 
 log = logging.getLogger("streamvisor.http")
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-_JSON = "application/json"
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status=status, content_type=_JSON, headers=headers)
 
 
 def error_response(error: APIError) -> Response:
@@ -63,16 +63,6 @@ def _http_error(exc: HTTPException) -> APIError:
     if code < 500:
         return APIError(exc.description or exc.name, status=code, code=exc.name.lower().replace(" ", "_"))
     return InternalError("The server failed to handle the request.")
-
-
-async def read_json() -> Any:
-    data = await request.get_data(cache=False)
-    if not data:
-        raise InvalidRequest("The request body is empty; expected a JSON object.")
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
 
 
 def create_app(runtime: Runtime) -> QuartTrio:
@@ -141,7 +131,7 @@ def create_app(runtime: Runtime) -> QuartTrio:
                 session.error.headers.update(headers)
                 raise session.error
             completion_id = f"chatcmpl-{session.id.removeprefix('sess_')}"
-            created = int(session.created)
+            created = int(session.created_at)
             if not chat.stream:
                 await session.wait_done()
                 if session.error is not None:
@@ -163,8 +153,7 @@ def create_app(runtime: Runtime) -> QuartTrio:
             return response
         finally:
             if not handed_off:
-                if not session.detached:
-                    session.cancel("disconnected")
+                session.cancel("disconnected")
                 session.release()
 
     @app.get("/v1/sessions/<session_id>")
@@ -186,10 +175,24 @@ def create_app(runtime: Runtime) -> QuartTrio:
         app.add_url_rule(
             route.path,
             endpoint=f"{route.plugin}:{route.path}:{','.join(route.methods)}",
-            view_func=route.view,
+            view_func=_plugin_view(runtime, route.plugin, route.view),
             methods=list(route.methods),
         )
     return app
+
+
+def _plugin_view(runtime: Runtime, plugin: str, view: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(view)
+    async def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await view(*args, **kwargs)
+        except (APIError, HTTPException):
+            raise
+        except Exception as exc:
+            runtime.faults.record(plugin, f"route {request.method} {request.url_rule.rule if request.url_rule else request.path}", exc)
+            raise InternalError("The server failed to handle the request.") from None
+
+    return guarded
 
 
 async def _stream(session: Session, encoder: sse.ChunkEncoder, include_usage: bool) -> AsyncIterator[bytes]:
@@ -206,8 +209,8 @@ async def _stream(session: Session, encoder: sse.ChunkEncoder, include_usage: bo
         yield sse.DONE
     finally:
         # Runs when the stream ends, and when the client disconnected and quart
-        # cancelled the handler: then the session is cancelled too (unless
-        # detached). cancel() does not await, so the cancelled scope is no trap.
-        if not session.finished and not session.detached:
+        # cancelled the handler: then the session is cancelled too. cancel()
+        # does not await, so the cancelled scope is no trap.
+        if not session.finished:
             session.cancel("disconnected")
         session.release()

@@ -20,6 +20,7 @@ import attrs
 import trio
 
 from streamvisor.config import ConfigError, StreamvisorConfig, load_config
+from streamvisor.hooks.manager import DEFAULT_STACK
 
 from .logs import configure
 from .sessions import unwrap
@@ -28,10 +29,6 @@ log = logging.getLogger("streamvisor")
 
 DEFAULT_CONFIG = "plugins.toml"
 
-#: The operational plugins `serve --upstream` runs without a config file: the same
-#: stack, in the same order, as the repository's plugins.toml.
-DEFAULT_STACK: dict[str, dict[str, Any]] = {"cache": {}, "retry": {}, "usage": {}, "monitor": {}, "admin": {}}
-
 
 def build_config(args: argparse.Namespace) -> StreamvisorConfig:
     """The config a command runs with: `--config`, else `--upstream`, else ./plugins.toml."""
@@ -39,7 +36,7 @@ def build_config(args: argparse.Namespace) -> StreamvisorConfig:
     if args.config:
         config = load_config(args.config)
     elif upstreams:
-        config = StreamvisorConfig.from_dict({"plugins": DEFAULT_STACK}, source="--upstream")
+        config = StreamvisorConfig.from_dict({"plugins": {name: {} for name in DEFAULT_STACK}}, source="--upstream")
     elif Path(DEFAULT_CONFIG).exists():
         config = load_config(DEFAULT_CONFIG)
     else:
@@ -250,18 +247,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from streamvisor.hooks import PluginHost
+    from streamvisor.hooks.manager import PluginHost
+    from streamvisor.hooks.markers import CONTRACT_VERSION
 
     config = build_config(args)
     host = PluginHost.from_config(config)
     disabled = [p.name for p in config.plugins if not p.enabled]
-    rows = [(p.name, p.version, p.origin, ", ".join(p.hooks)) for p in host]
-    widths = [max(len(r[i]) for r in rows + [("name", "version", "from", "hooks")]) for i in range(3)]
-    print(f"{'name':<{widths[0]}}  {'version':<{widths[1]}}  {'from':<{widths[2]}}  hooks")
-    for name, version, origin, hooks in rows:
-        print(f"{name:<{widths[0]}}  {version:<{widths[1]}}  {origin:<{widths[2]}}  {hooks}")
+    header = ("name", "version", "from", "contract", "hooks")
+    rows = [(p.name, p.version, p.origin, p.contract or "-", ", ".join(p.hooks)) for p in host]
+    widths = [max(len(r[i]) for r in [*rows, header]) for i in range(4)]
+    for row in [header, *rows]:
+        print("  ".join(f"{cell:<{widths[i]}}" for i, cell in enumerate(row[:4])) + "  " + row[4])
     if disabled:
         print(f"disabled in {config.source}: {', '.join(disabled)}")
+    print(f"this streamvisor implements plugin contract {CONTRACT_VERSION}")
     return 0
 
 

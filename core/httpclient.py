@@ -108,13 +108,12 @@ _SIZE_LINE, _DATA_END, _TRAILERS = -1, -2, -3
 
 
 class _Connection:
-    __slots__ = ("stream", "socket", "idle_since", "requests")
+    __slots__ = ("stream", "socket", "idle_since")
 
     def __init__(self, stream: trio.abc.Stream, socket: trio.socket.SocketType) -> None:
         self.stream = stream
         self.socket = socket
         self.idle_since = 0.0
-        self.requests = 0
 
     def close(self) -> None:
         """Close at once, without a TLS close_notify (an abort, as
@@ -441,9 +440,8 @@ class HTTPClient:
         self._slots = trio.Semaphore(max_connections)
         self._idle: collections.deque[_Connection] = collections.deque()
         self._closed = False
-        #: Connections opened and requests sent, for tests and monitoring.
+        #: Connections opened so far (a reused one is not counted again).
         self.connections_opened = 0
-        self.requests_sent = 0
 
     @property
     def idle_connections(self) -> int:
@@ -513,8 +511,6 @@ class HTTPClient:
         connection: _Connection | None = None
         try:
             connection = self._reuse() or await self._connect()
-            connection.requests += 1
-            self.requests_sent += 1
             response = Response(self, connection)
             with trio.move_on_after(self.write_timeout) as scope:
                 try:

@@ -6,8 +6,10 @@ so a session actor started from a request handler logs with that request's id.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
+from typing import Iterator
 
 import orjson
 
@@ -27,6 +29,20 @@ def _record_with_ids(*args: object, **kwargs: object) -> logging.LogRecord:
 
 # Every record, from any logger and any handler, carries the ids.
 logging.setLogRecordFactory(_record_with_ids)
+
+
+@contextlib.contextmanager
+def log_context(request_id: str | None, session_id: str | None) -> Iterator[None]:
+    """Log with these ids inside the block, from code that runs outside the
+    request (an event listener, a service): the ids cannot be passed as
+    `extra=`, because every record already carries them."""
+    request_token = request_id_var.set(request_id or "-")
+    session_token = session_id_var.set(session_id or "-")
+    try:
+        yield
+    finally:
+        session_id_var.reset(session_token)
+        request_id_var.reset(request_token)
 
 
 class JSONLinesFormatter(logging.Formatter):

@@ -11,7 +11,7 @@ stops at its next token).
 from __future__ import annotations
 
 import logging
-from typing import Any, AsyncIterator, Protocol, runtime_checkable
+from typing import Any, AsyncIterator, Iterator, Protocol, runtime_checkable
 
 import attrs
 
@@ -56,22 +56,38 @@ class Route:
 
 
 class ProviderRegistry:
+    """The registered providers and the model names they serve.
+
+    Plugins use `resolve`, `models`, `get` and iteration (providers in
+    registration order); the runtime registers, refreshes and closes them.
+    """
+
     def __init__(self) -> None:
-        self.providers: dict[str, Any] = {}
+        self._providers: dict[str, Any] = {}
         self._routes: dict[str, Route] = {}
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(list(self._providers.values()))
+
+    def __len__(self) -> int:
+        return len(self._providers)
+
+    def get(self, name: str) -> Any | None:
+        """The provider registered under `name`, or None."""
+        return self._providers.get(name)
 
     def register(self, provider: Any) -> None:
         """The ``register`` callback of the `register_providers` hook."""
         if not isinstance(provider, Provider):
             raise TypeError(f"{provider!r} is not a provider: it needs name, list_models() and stream(request)")
-        if provider.name in self.providers:
+        if provider.name in self._providers:
             raise ValueError(f"a provider named {provider.name!r} is already registered")
-        self.providers[provider.name] = provider
+        self._providers[provider.name] = provider
 
     async def refresh(self) -> None:
         """Ask every provider for its models; the first provider to claim a name wins."""
         routes: dict[str, Route] = {}
-        for provider in self.providers.values():
+        for provider in self._providers.values():
             for model in await provider.list_models():
                 if model.id in routes:
                     log.warning(
@@ -92,10 +108,15 @@ class ProviderRegistry:
         return route
 
     def models(self) -> list[ModelInfo]:
+        """Every model name clients may use, in the order providers listed them."""
         return [route.model for route in self._routes.values()]
 
+    def models_of(self, provider: str) -> list[ModelInfo]:
+        """The model names one provider serves."""
+        return [route.model for route in self._routes.values() if route.provider.name == provider]
+
     async def aclose(self) -> None:
-        for provider in self.providers.values():
+        for provider in self._providers.values():
             close = getattr(provider, "aclose", None)
             if close is not None:
                 try:

@@ -1,11 +1,17 @@
 """The runtime: owner of the root nursery, the supervisor tree and every session.
 
 `Runtime.open(config)` loads the configured plugins, collects what they register
-(providers, middleware, chunk transformers, services, event listeners), starts the
-supervisor with the service actors, calls the `startup` hooks and yields the
-running runtime. Leaving the context stops live sessions, waits for them within
-the shutdown grace period, calls the `shutdown` hooks and cancels everything
-left: when `open` returns, no task of the runtime is running.
+(event types, providers, middleware, chunk transformers, routes, services, health
+checks, status panels, event listeners), starts the supervisor with the service
+actors, calls the `startup` hooks and yields the running runtime. Leaving the
+context stops live sessions, delivers their terminal events, calls the
+`shutdown` hooks and closes the providers, all within one grace period, then
+cancels everything left: when `open` returns, no task of the runtime is running.
+
+What plugins may use of a `Runtime` is its public API (documented in
+docs/hooks.md): `config`, `sessions`, `providers`, `events`, `metrics`,
+`health_checks`, `status_panels()`, `plugin_status()`, `open_session()`. Names
+with a leading underscore are the runtime's own.
 """
 
 from __future__ import annotations
@@ -14,26 +20,32 @@ import functools
 import inspect
 import logging
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Mapping
 
 import attrs
 import trio
 from prometheus_client import CollectorRegistry, Histogram
 
 from streamvisor.config import ConfigError, StreamvisorConfig
-from streamvisor.hooks import PluginHost
+from streamvisor.hooks.manager import PluginHost
+from streamvisor.hooks.markers import deprecated
 
 from .chat import ChatRequest, Delta
 from .errors import Overloaded
 from .events import EventDispatcher
+from .faults import PluginFaults
 from .health import HealthCheck
 from .providers import ProviderRegistry
-from .sessions import Session, SessionActor, SessionRegistry, StreamFn, Transformer, new_id
+from .sessions import Session, SessionActor, SessionRegistry, StreamFn, TransformerFactory, new_id
 from .supervisor import ChildSpec, Restart, Supervisor
 
 log = logging.getLogger("streamvisor.runtime")
 
-Middleware = Callable[[ChatRequest, StreamFn], AsyncIterator[Delta]]
+Middleware = Callable[[ChatRequest, StreamFn, Session], AsyncIterator[Delta]]
+StatusPanel = Callable[[], Any]
+
+#: The bound on one status panel when `status_panels()` gathers them.
+PANEL_TIMEOUT_SECONDS = 2.0
 
 
 @attrs.frozen
@@ -44,34 +56,43 @@ class PluginRoute:
     methods: tuple[str, ...]
 
 
-def compose(middlewares: list[Middleware], endpoint: StreamFn) -> StreamFn:
+def compose(middlewares: list[Middleware], endpoint: StreamFn, session: Session) -> StreamFn:
     """Wrap `endpoint` so that the first middleware is outermost."""
     stream = endpoint
     for middleware in reversed(middlewares):
-        stream = _bind(middleware, stream)
+        stream = _bind(middleware, stream, session)
     return stream
 
 
-def _bind(middleware: Middleware, call_next: StreamFn) -> StreamFn:
+def _bind(middleware: Middleware, call_next: StreamFn, session: Session) -> StreamFn:
     def stream(request: ChatRequest) -> AsyncIterator[Delta]:
-        return middleware(request, call_next)
+        return middleware(request, call_next, session)
 
     return stream
+
+
+def _required_positional(fn: Callable[..., Any]) -> int | None:
+    """How many positional arguments `fn` needs (None when it cannot be told)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    count = 0
+    for parameter in signature.parameters.values():
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            return None
+        if parameter.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) and parameter.default is inspect.Parameter.empty:
+            count += 1
+    return count
 
 
 class Runtime:
     def __init__(self, config: StreamvisorConfig, host: PluginHost) -> None:
         server = config.server
         self.config = config
-        self.plugins = host
         self.providers = ProviderRegistry()
-        self.events = EventDispatcher(server.event_queue_size)
+        self.events = EventDispatcher(server.event_queue_size, server.listener_timeout_seconds)
         self.sessions = SessionRegistry(server.session_retention_seconds, server.max_retained_sessions)
-        self.supervisor = Supervisor("root", intensity=server.restart_intensity, period=server.restart_period_seconds)
-        self.middlewares: list[Middleware] = []
-        self.transformers: list[Transformer] = []
-        self.routes: list[PluginRoute] = []
-        self.health_checks: dict[str, HealthCheck] = {}
         #: This runtime's Prometheus registry: plugins add their metrics to it and
         #: the monitor plugin serves it at /metrics. One per runtime, so that two
         #: servers in one process (tests) do not share counters.
@@ -83,7 +104,17 @@ class Runtime:
             registry=self.metrics,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
-        self.max_live_sessions = server.max_live_sessions
+        self.faults = PluginFaults()
+        self._host = host
+        self._supervisor = Supervisor("root", intensity=server.restart_intensity, period=server.restart_period_seconds)
+        self._middlewares: list[Middleware] = []
+        self._transformers: list[tuple[str, TransformerFactory]] = []
+        self._routes: list[PluginRoute] = []
+        self._health_checks: dict[str, HealthCheck] = {}
+        self._panels: dict[str, dict[str, StatusPanel]] = {}
+        #: Service children by plugin, for plugin_status().
+        self._services: dict[str, list[str]] = {}
+        self._max_live_sessions = server.max_live_sessions
         self._nursery: trio.Nursery | None = None
 
     # -- life cycle -----------------------------------------------------------
@@ -98,9 +129,9 @@ class Runtime:
         await runtime._register()
         async with trio.open_nursery() as nursery:
             runtime._nursery = nursery
-            await nursery.start(runtime.supervisor.run)
+            await nursery.start(runtime._supervisor.run)
             try:
-                await runtime.plugins.call("startup", runtime=runtime)
+                await runtime._host.call("startup", runtime=runtime)
                 await runtime.providers.refresh()
                 yield runtime
             finally:
@@ -109,58 +140,181 @@ class Runtime:
                 nursery.cancel_scope.cancel()
 
     async def _register(self) -> None:
-        host = self.plugins
-        await host.call("register_providers", register=self.providers.register)
+        host = self._host
 
-        def add_middleware(middleware: Middleware) -> None:
-            self.middlewares.append(middleware)
+        def per_plugin(method: Callable[..., Any]) -> Callable[[str], Callable[..., Any]]:
+            return lambda plugin: functools.partial(method, plugin)
 
-        def add_transformer(transform: Transformer) -> None:
-            self.transformers.append(transform)
-
-        await host.call("register_middleware", register=add_middleware)
-        await host.call("register_chunk_transformers", register=add_transformer)
-        await host.call_per_plugin("register_routes", lambda plugin: functools.partial(self._add_route, plugin))
-        await host.call_per_plugin("register_services", lambda plugin: functools.partial(self._add_service, plugin))
-        await host.call_per_plugin("register_health_checks", lambda plugin: functools.partial(self._add_check, plugin))
+        await host.call_per_plugin("register_event_types", per_plugin(self._declare_event_type), runtime=self)
+        await host.call_per_plugin("register_providers", lambda plugin: self.providers.register, runtime=self)
+        await host.call_per_plugin("register_middleware", per_plugin(self._add_middleware), runtime=self)
+        await host.call_per_plugin("register_chunk_transformers", per_plugin(self._add_transformer), runtime=self)
+        await host.call_per_plugin("register_routes", per_plugin(self._add_route), runtime=self)
+        await host.call_per_plugin("register_services", per_plugin(self._add_service), runtime=self)
+        await host.call_per_plugin("register_health_checks", per_plugin(self._add_check), runtime=self)
+        await host.call_per_plugin("register_status_panels", per_plugin(self._add_panel), runtime=self)
         for call in host.implementations("on_event"):
             types = getattr(call.function, "streamvisor_event_types", None)
+            exclude = getattr(call.function, "streamvisor_event_exclude", None)
+            if exclude is not None:
+                unknown = exclude - set(self.events.types)
+                if unknown:
+                    raise ConfigError(self.config.source, f"plugins.{call.plugin_name}", "listens_to(exclude=...) with declared event types", f"undeclared: {', '.join(sorted(unknown))}")
+                types = frozenset(self.events.types) - exclude
             try:
-                self.events.add_listener(call.plugin_name, _listener(call), types)
+                self.events.add_listener(call.plugin_name, _listener(call, self), types)
             except ValueError as exc:
-                raise ConfigError(self.config.source, f"plugins.{call.plugin_name}", "listens_to() with known event types", str(exc)) from None
-        self.supervisor.start_child(ChildSpec("session-janitor", self.sessions.janitor))
-        for name, run in self.events.services():
-            self.supervisor.start_child(ChildSpec(name, run))
+                raise ConfigError(self.config.source, f"plugins.{call.plugin_name}", "listens_to() with declared event types", str(exc)) from None
+        self._supervisor.start_child(ChildSpec("session-janitor", self.sessions.janitor))
+        for plugin, name, run in self.events.services():
+            self._services.setdefault(plugin, []).append(name)
+            self._supervisor.start_child(ChildSpec(name, run))
+
+    def _declare_event_type(self, plugin: str, name: str, description: str = "") -> None:
+        try:
+            self.events.declare(plugin, name, description)
+        except ValueError as exc:
+            raise ConfigError(self.config.source, f"plugins.{plugin}", "event types of its own", str(exc)) from None
+
+    def _add_middleware(self, plugin: str, middleware: Callable[..., Any]) -> None:
+        if _required_positional(middleware) == 2:
+            deprecated(plugin, "a middleware taking (request, call_next) is the contract 0 form; take (request, call_next, session)")
+            legacy = middleware
+
+            def middleware(request: ChatRequest, call_next: StreamFn, session: Session) -> AsyncIterator[Delta]:
+                return legacy(request, call_next)
+
+        self._middlewares.append(middleware)
+
+    def _add_transformer(self, plugin: str, factory: Callable[..., Any]) -> None:
+        if _required_positional(factory) == 2:
+            deprecated(plugin, "a chunk transformer taking (delta, session) is the contract 0 form; register a factory(session) returning transform(delta)")
+            legacy = factory
+
+            def factory(session: Session) -> Callable[[Delta], Delta | None]:
+                return lambda delta: legacy(delta, session)
+
+        self._transformers.append((plugin, factory))
 
     def _add_route(self, plugin: str, path: str, view: Callable[..., Any], methods: tuple[str, ...] | list[str] = ("GET",)) -> None:
-        self.routes.append(PluginRoute(plugin, path, view, tuple(methods)))
+        self._routes.append(PluginRoute(plugin, path, view, tuple(methods)))
 
     def _add_service(self, plugin: str, name: str, run: Callable[[], Any], restart: str = "permanent") -> None:
-        self.supervisor.start_child(ChildSpec(f"{plugin}:{name}", run, Restart(restart)))
+        child = f"{plugin}:{name}"
+        self._services.setdefault(plugin, []).append(child)
+        self._supervisor.start_child(ChildSpec(child, run, Restart(restart)))
 
     def _add_check(self, plugin: str, name: str, check: HealthCheck) -> None:
-        self.health_checks[f"{plugin}:{name}"] = check
+        self._health_checks[f"{plugin}:{name}"] = check
+
+    def _add_panel(self, plugin: str, name: str, panel: StatusPanel) -> None:
+        panels = self._panels.setdefault(plugin, {})
+        if name in panels:
+            raise ConfigError(self.config.source, f"plugins.{plugin}", "status panels with distinct names", f"two named {name!r}")
+        panels[name] = panel
 
     async def _stop(self, grace: float) -> None:
-        # Each plugin's shutdown hook runs on its own, within the grace period:
-        # one that fails or hangs does not keep the others from running.
-        for call in self.plugins.implementations("shutdown"):
-            with trio.move_on_after(grace) as scope:
-                try:
-                    await _maybe_await(call(runtime=self))
-                except Exception:
-                    log.exception("the shutdown hook of plugin %r failed", call.plugin_name)
-            if scope.cancelled_caught:
-                log.warning("the shutdown hook of plugin %r did not finish within %g s", call.plugin_name, grace)
-        live = [s for s in self.sessions.sessions.values() if not s.finished]
+        """Stop within one grace period in all: cancel live sessions and wait for
+        them, deliver the terminal events, call the `shutdown` hooks, close the
+        providers. A step that overruns leaves the later ones less time, never
+        more than the period in all."""
+        deadline = trio.current_time() + grace
+        live = self.sessions.live()
         for session in live:
             session.cancel("shutdown")
-        with trio.move_on_after(grace):
+        with trio.move_on_at(deadline):
             for session in live:
                 await session.wait_done()
-        with trio.move_on_after(grace):
+        with trio.move_on_at(deadline):
+            await self.events.drain()
+        for call in self._host.implementations("shutdown"):
+            with trio.move_on_at(deadline) as scope:
+                try:
+                    await _maybe_await(call(runtime=self))
+                except Exception as exc:
+                    self.faults.record(call.plugin_name, "shutdown hook", exc)
+            if scope.cancelled_caught:
+                log.warning("the shutdown hook of plugin %r did not finish within the grace period (%g s)", call.plugin_name, grace)
+        with trio.move_on_at(deadline):
             await self.providers.aclose()
+
+    # -- introspection --------------------------------------------------------
+
+    @property
+    def routes(self) -> list[PluginRoute]:
+        """The routes plugins registered, in registration order."""
+        return list(self._routes)
+
+    @property
+    def health_checks(self) -> Mapping[str, HealthCheck]:
+        """Every registered readiness check, by "PLUGIN:NAME"."""
+        return dict(self._health_checks)
+
+    async def status_panels(self, timeout: float = PANEL_TIMEOUT_SECONDS) -> dict[str, dict[str, Any]]:
+        """Every plugin's status panels, gathered at once: ``{plugin: {name:
+        value}}``. A panel that raises or takes longer than `timeout` shows
+        ``{"error": ...}`` and counts as a fault of its plugin."""
+        results: dict[str, dict[str, Any]] = {plugin: {} for plugin in self._panels}
+
+        async def run(plugin: str, name: str, panel: StatusPanel) -> None:
+            value: Any
+            try:
+                with trio.move_on_after(timeout) as scope:
+                    value = await _maybe_await(panel())
+                if scope.cancelled_caught:
+                    value = {"error": f"no answer within {timeout:g} s"}
+                    self.faults.record(plugin, "status panel", TimeoutError(f"panel {name!r} took longer than {timeout:g} s"), log_it=False)
+            except Exception as exc:
+                self.faults.record(plugin, "status panel", exc)
+                value = {"error": f"{type(exc).__name__}: {exc}"}
+            if attrs.has(type(value)):
+                value = attrs.asdict(value)
+            results[plugin][name] = value
+
+        async with trio.open_nursery() as nursery:
+            for plugin, panels in self._panels.items():
+                for name, panel in panels.items():
+                    nursery.start_soon(run, plugin, name, panel)
+        return results
+
+    def plugin_status(self) -> list[dict[str, Any]]:
+        """Each loaded plugin, in plugins.toml order: where it comes from, the
+        contract it was written for, its hooks, its services and listener, and
+        the faults counted against it."""
+        listeners = {stats.plugin: stats for stats in self.events.stats}
+        children = self._supervisor.children
+        out = []
+        for loaded in self._host:
+            services = {}
+            for child in self._services.get(loaded.name, ()):
+                stats = children.get(child)
+                if stats is not None:
+                    # "cache:redis" is the cache plugin's service "redis"; its
+                    # event listener is "listener".
+                    name = child.removeprefix(f"{loaded.name}:").removesuffix(f":{loaded.name}")
+                    services[name] = {"starts": stats.starts, "crashes": stats.crashes, "running": stats.running, "last_error": stats.last_error}
+            listener = listeners.get(loaded.name)
+            faults = self.faults.of(loaded.name)
+            errors = {
+                "listener_errors": listener.errors if listener else 0,
+                "listener_dropped": listener.dropped if listener else 0,
+                "service_crashes": sum(s["crashes"] for s in services.values()),
+                "faults": self.faults.total(loaded.name),
+            }
+            out.append(
+                {
+                    "name": loaded.name,
+                    "version": loaded.version,
+                    "origin": loaded.origin,
+                    "contract": loaded.contract,
+                    "hooks": loaded.hooks,
+                    "errors": {**errors, "total": sum(errors.values())},
+                    "faults": faults,
+                    "listener": None if listener is None else attrs.asdict(listener),
+                    "services": services,
+                }
+            )
+        return out
 
     def task_names(self) -> list[str]:
         """Names of the tasks the runtime's root nursery runs (sessions, supervisor)."""
@@ -171,12 +325,21 @@ class Runtime:
     # -- sessions -------------------------------------------------------------
 
     def open_session(self, request: ChatRequest) -> Session:
-        """Resolve the model, register a session and start its actor."""
+        """Resolve the model, register a session and start its actor.
+
+        Refused with `Overloaded` (503) while the live sessions, plus the terminal
+        events a listener has yet to handle, reach `[server] max_live_sessions`.
+        """
         route = self.providers.resolve(request.model)
         if self._nursery is None:
             raise RuntimeError("the runtime is not running")
-        if self.sessions.live >= self.max_live_sessions:
-            raise Overloaded(f"The server is at its limit of {self.max_live_sessions} live sessions; retry shortly.")
+        live = self.sessions.live_count
+        if live >= self._max_live_sessions:
+            raise Overloaded(f"The server is at its limit of {self._max_live_sessions} live sessions; retry shortly.", headers={"Retry-After": "1"})
+        if live + self.events.terminal_backlog() >= self._max_live_sessions:
+            raise Overloaded(
+                "The server is recording finished sessions more slowly than they end; retry shortly.", headers={"Retry-After": "1"}
+            )
         session_id = new_id("sess_")
         request = attrs.evolve(request, session_id=session_id)
         session = Session(
@@ -187,14 +350,14 @@ class Runtime:
             request=request,
             identity=request.identity,
             max_chunks=self.config.server.max_session_chunks,
+            events=self.events,
         )
-        stream = compose(self.middlewares, self._provider_stream)
-        actor = SessionActor(session, stream, request, self.transformers, self.events, self.sessions)
+        stream = compose(self._middlewares, self._provider_stream, session) if self._middlewares else self._provider_stream
+        actor = SessionActor(session, stream, self._transformers, self.events, self.sessions, self.faults)
         self.sessions.add(session)
         self.events.emit("created", session)
         self._nursery.start_soon(actor.run, name=f"session:{session_id}")
         return session
-
 
     def _provider_stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
         """The innermost stream: route by the request's model, at call time.
@@ -208,9 +371,9 @@ class Runtime:
         return route.provider.stream(request)
 
 
-def _listener(call: Any) -> Callable[[Any], Any]:
+def _listener(call: Any, runtime: Runtime) -> Callable[[Any], Any]:
     def listen(event: Any) -> Any:
-        return call(event=event)
+        return call(event=event, runtime=runtime)
 
     return listen
 

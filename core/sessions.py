@@ -1,34 +1,40 @@
 """Sessions: one chat completion each, run by a `SessionActor`, kept in a
 `SessionRegistry`.
 
-The actor runs in the runtime's nursery, not in the HTTP handler's task, so the
-session outlives its connection when asked to (detached). It owns the provider
-call and appends every visible delta to the session's buffer; subscribers follow
-the buffer from their own offset and are woken on each append, so a slow
-subscriber never blocks the actor. The buffer has a bound (`max_chunks`): a stream
-that outgrows it fails rather than eating memory.
+The actor runs in the runtime's nursery, not in the HTTP handler's task. It owns
+the provider call (through the middleware chain) and appends every visible
+delta to the session's buffer; subscribers follow the buffer from their own
+offset and are woken on each append, so a slow subscriber never blocks the
+actor. The buffer has a bound (`max_chunks`): a stream that outgrows it fails
+rather than eating memory.
 
 Stop and disconnect both cancel the session's cancel scope. Everything the actor
 does after that is synchronous bookkeeping (record the partial usage, append the
-final chunk, dispatch the event), so nothing needs to await inside a cancelled
-scope. A finished session stays in the registry for its retention time, then the
-janitor removes it: no task, no buffer, no entry is left behind.
+final chunk, dispatch the terminal event), so nothing needs to await inside a
+cancelled scope. A finished session stays in the registry for its retention
+time, then the janitor removes it: no task, no buffer, no entry is left behind.
+
+Clocks: `created_at` is wall-clock time (seconds since the epoch, for people and
+records); every field ending in `_mono` is `time.perf_counter()` (for durations;
+comparable only within one process).
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import re
 import secrets
 import time
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 import attrs
 import trio
 
 from .chat import ChatRequest, Delta, Usage
 from .errors import APIError, InternalError, NotFound
-from .events import EventDispatcher
+from .events import EventDispatcher, Outcome
+from .faults import PluginFaults
 
 log = logging.getLogger("streamvisor.sessions")
 
@@ -36,38 +42,65 @@ LIVE_STATES = frozenset({"pending", "running"})
 #: The finish_reason of the last chunk of a stream that was stopped.
 STOPPED = "stopped"
 
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,128}$")
+_HEADER_VALUE = re.compile(r"^[\x20-\x7e\t]{0,4096}$")
+#: Headers the core sets itself (or the server frames the response with).
+_RESERVED_HEADERS = frozenset(
+    {"content-type", "content-length", "transfer-encoding", "connection", "x-session-id", "x-request-id", "server-timing", "cache-control"}
+)
+
 
 def new_id(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(12)}"
 
 
+def check_header(name: str, value: str) -> None:
+    """Refuse a header a plugin may not set: a reserved name, or a name or value
+    that could split the response (CR, LF and other control characters)."""
+    if not isinstance(name, str) or not _HEADER_NAME.match(name):
+        raise ValueError(f"not a valid header name: {name!r}")
+    if name.lower() in _RESERVED_HEADERS:
+        raise ValueError(f"the header {name} is set by streamvisor itself")
+    if not isinstance(value, str) or not _HEADER_VALUE.match(value):
+        raise ValueError(f"the value of header {name} must be printable ASCII without line breaks, at most 4096 characters")
+
+
 @attrs.define(eq=False)
 class Session:
+    """One chat completion. Plugins read its fields and call `set_header`,
+    `emit` and `cancel`; everything else belongs to the runtime."""
+
     id: str
     request_id: str
+    #: The model name the client asked for, and the provider serving it.
     model: str
     provider: str
+    #: The client's request, as validated.
     request: ChatRequest
     identity: str = "anonymous"
     max_chunks: int = 100_000
+    #: pending, running, then completed, failed, stopped, disconnected or shutdown.
     state: str = "pending"
+    #: The buffered deltas. Read it; only the runtime appends. Emptied (their
+    #: count kept in `dropped_chunks`) once the session is finished and served.
     chunks: list[Delta] = attrs.field(factory=list)
     usage: Usage | None = None
     finish_reason: str | None = None
     error: APIError | None = None
-    detached: bool = False
-    #: Response headers a plugin adds (e.g. X-Cache); set them before the first chunk.
-    headers: dict[str, str] = attrs.field(factory=dict)
     #: Why the session was cancelled: "stopped", "disconnected" or "shutdown".
     cancel_reason: str | None = None
-    created: float = attrs.field(factory=time.time)
-    t0: float = attrs.field(factory=time.perf_counter)
-    started_at: float | None = None
-    first_token_at: float | None = None
-    finished_at: float | None = None
+    #: Wall-clock time of creation (seconds since the epoch).
+    created_at: float = attrs.field(factory=time.time)
+    #: `time.perf_counter()` at creation, start, first chunk and end.
+    created_mono: float = attrs.field(factory=time.perf_counter)
+    started_mono: float | None = None
+    first_token_mono: float | None = None
+    finished_mono: float | None = None
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     #: Chunks dropped from the buffer by `release()` (`chunk_count` includes them).
     dropped_chunks: int = 0
+    _headers: dict[str, str] = attrs.field(factory=dict)
+    _events: EventDispatcher | None = None
     _released: bool = False
     #: Made by the first follower that waits, set and dropped by the next change:
     #: a chunk appended while nobody waits costs no Event.
@@ -85,6 +118,46 @@ class Session:
         """Chunks the session produced, including any dropped by `release()`."""
         return self.dropped_chunks + len(self.chunks)
 
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The response headers plugins set (a copy)."""
+        return dict(self._headers)
+
+    # -- what plugins may do ---------------------------------------------------
+
+    def set_header(self, name: str, value: str) -> bool:
+        """Add a response header (e.g. X-Cache). Headers leave with the first
+        chunk: returns False, and changes nothing, once a chunk is buffered or
+        the session has finished. Raises ValueError for a reserved header or a
+        name or value that could split the response."""
+        check_header(name, value)
+        if self.chunks or self.dropped_chunks or self.finished:
+            return False
+        self._headers[name] = value
+        return True
+
+    def emit(self, type: str, **data: Any) -> None:
+        """Dispatch an event of this session to the listeners of `type` (a type
+        declared with `register_event_types`; terminal types are core's own)."""
+        events = self._events
+        if events is None:
+            return
+        if type in ("completed", "failed", "stopped", "disconnected"):
+            raise ValueError(f"{type!r} is a terminal event: only the runtime dispatches it")
+        events.emit(type, self, **data)
+
+    def cancel(self, reason: str) -> bool:
+        """Cancel a live session; `reason` ("stopped", "disconnected",
+        "shutdown") becomes its final state. Returns False when it was finished
+        or cancelled already."""
+        if self.finished or self.cancel_reason is not None:
+            return False
+        self.cancel_reason = reason
+        self.scope.cancel()
+        return True
+
+    # -- the runtime's side ----------------------------------------------------
+
     def append(self, delta: Delta) -> None:
         self.chunks.append(delta)
         changed = self._changed
@@ -94,7 +167,7 @@ class Session:
 
     def finish(self, state: str) -> None:
         self.state = state
-        self.finished_at = time.perf_counter()
+        self.finished_mono = time.perf_counter()
         changed = self._changed
         if changed is not None:
             self._changed = None
@@ -109,9 +182,7 @@ class Session:
         their count is kept, so that a retained finished session is a handful of
         objects instead of one per chunk: with thousands retained, the garbage
         collector's full collections walked every one of them (a fifth of the
-        server's time at 900 streams/s). A detached session keeps its buffer."""
-        if self.detached:
-            return
+        server's time at 900 streams/s)."""
         self._released = True
         if self.finished:
             self._drop_chunks()
@@ -125,14 +196,6 @@ class Session:
         if changed is None:
             changed = self._changed = trio.Event()
         await changed.wait()
-
-    def cancel(self, reason: str) -> bool:
-        """Cancel a live session; `reason` becomes its final state. Idempotent."""
-        if self.finished or self.cancel_reason is not None:
-            return False
-        self.cancel_reason = reason
-        self.scope.cancel()
-        return True
 
     # -- following -------------------------------------------------------------
 
@@ -161,15 +224,17 @@ class Session:
     # -- views -----------------------------------------------------------------
 
     def _ms(self, at: float | None) -> float | None:
-        return None if at is None else round((at - self.t0) * 1000, 3)
+        return None if at is None else round((at - self.created_mono) * 1000, 3)
 
     def timings(self) -> dict[str, float | None]:
-        end = self.finished_at if self.finished_at is not None else time.perf_counter()
+        """Milliseconds from creation to start, first chunk and end, and the
+        duration so far (to now, while live)."""
+        end = self.finished_mono if self.finished_mono is not None else time.perf_counter()
         return {
-            "started_ms": self._ms(self.started_at),
-            "first_token_ms": self._ms(self.first_token_at),
-            "finished_ms": self._ms(self.finished_at),
-            "duration_ms": round((end - self.t0) * 1000, 3),
+            "started_ms": self._ms(self.started_mono),
+            "first_token_ms": self._ms(self.first_token_mono),
+            "finished_ms": self._ms(self.finished_mono),
+            "duration_ms": round((end - self.created_mono) * 1000, 3),
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -183,8 +248,7 @@ class Session:
             "provider": self.provider,
             "state": self.state,
             "finish_reason": self.finish_reason,
-            "detached": self.detached,
-            "created": int(self.created),
+            "created": int(self.created_at),
             "chunks": self.chunk_count,
             "timings": self.timings(),
             "usage": usage.to_json(),
@@ -193,7 +257,10 @@ class Session:
 
 
 StreamFn = Callable[[ChatRequest], AsyncIterator[Delta]]
-Transformer = Callable[[Delta, Session], "Delta | None"]
+#: A per-session transform: `transform(delta)` returns the delta to keep or None.
+Transform = Callable[[Delta], "Delta | None"]
+#: What `register_chunk_transformers` registers: called once per session.
+TransformerFactory = Callable[[Session], "Transform | None"]
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -210,17 +277,17 @@ class SessionActor:
         self,
         session: Session,
         stream: StreamFn,
-        request: ChatRequest,
-        transformers: list[Transformer],
+        factories: list[tuple[str, TransformerFactory]],
         events: EventDispatcher,
         registry: "SessionRegistry",
+        faults: PluginFaults,
     ) -> None:
         self.session = session
         self.stream = stream
-        self.request = request
-        self.transformers = transformers
+        self.factories = factories
         self.events = events
         self.registry = registry
+        self.faults = faults
         self.completed = False
 
     async def run(self) -> None:
@@ -228,7 +295,7 @@ class SessionActor:
         try:
             with session.scope:
                 session.state = "running"
-                session.started_at = time.perf_counter()
+                session.started_mono = time.perf_counter()
                 self.events.emit("started", session)
                 await self._relay()
                 self.completed = True
@@ -237,21 +304,34 @@ class SessionActor:
         finally:
             self._conclude()
 
+    def _transforms(self) -> tuple[list[Transform], list[str]]:
+        """This session's transformers, made by each plugin's factory."""
+        transforms: list[Transform] = []
+        owners: list[str] = []
+        for plugin, factory in self.factories:
+            try:
+                transform = factory(self.session)
+            except Exception as exc:
+                self.faults.record(plugin, "chunk transformer factory", exc)
+                continue
+            if transform is not None:
+                transforms.append(transform)
+                owners.append(plugin)
+        return transforms, owners
+
     async def _relay(self) -> None:
-        session, events, transformers = self.session, self.events, self.transformers
+        session, events = self.session, self.events
+        transforms, owners = self._transforms() if self.factories else ([], [])
         # Listeners are registered at start-up: ask once per session, not per chunk.
         chunk_events = events.wants("chunk")
-        stream = self.stream(self.request)
+        stream = self.stream(session.request)
         try:
             async for delta in stream:
                 usage = delta.usage
-                for transform in transformers:
-                    delta = transform(delta, session)
-                    if delta is None:
-                        break
-                else:
+                if transforms:
+                    delta = self._transform(delta, transforms, owners)
                     # A transformer may restate the usage (e.g. count reasoning tokens).
-                    if delta.usage is not None:
+                    if delta is not None and delta.usage is not None:
                         usage = delta.usage
                 if usage is not None:
                     session.usage = usage
@@ -260,7 +340,7 @@ class SessionActor:
                 if delta.finish_reason is not None:
                     session.finish_reason = delta.finish_reason
                 if not session.chunks:
-                    session.first_token_at = time.perf_counter()
+                    session.first_token_mono = time.perf_counter()
                     if delta.role is None:
                         delta = attrs.evolve(delta, role="assistant")
                     events.emit("first_token", session)
@@ -270,11 +350,29 @@ class SessionActor:
                 if chunk_events:
                     events.emit("chunk", session, index=len(session.chunks) - 1)
         finally:
-            # Close the provider's generator here, in this task, so that an
+            # Close the chain's generator here, in this task, so that an
             # upstream request is closed the moment the session is cancelled.
             close = getattr(stream, "aclose", None)
             if close is not None:
                 await close()
+
+    def _transform(self, delta: Delta, transforms: list[Transform], owners: list[str]) -> Delta | None:
+        i = 0
+        while i < len(transforms):
+            try:
+                delta = transforms[i](delta)
+            except APIError:
+                raise  # a transformer's deliberate verdict (a guardrail): the session fails
+            except Exception as exc:
+                # A bug: contained. The transformer leaves this session, the delta
+                # goes on as it was, the fault is counted against its plugin.
+                self.faults.record(owners[i], "chunk transformer", exc)
+                del transforms[i], owners[i]
+                continue
+            if delta is None:
+                return None
+            i += 1
+        return delta
 
     def _fail(self, exc: BaseException) -> None:
         session = self.session
@@ -310,63 +408,113 @@ class SessionActor:
         self.registry.retire(session)
         kind = "stopped" if state == "shutdown" else state
         if self.events.wants(kind):
-            usage = session.usage
             timings = session.timings()
-            self.events.emit(
-                kind,
-                session,
+            error = session.error
+            outcome = Outcome(
+                state=kind,
                 reason=session.cancel_reason,
                 finish_reason=session.finish_reason,
-                usage=usage.to_json(),
-                error=None if session.error is None else session.error.message,
-                error_type=None if session.error is None else session.error.code,
+                usage=session.usage,
                 chunks=session.chunk_count,
                 first_token_ms=timings["first_token_ms"],
-                duration_ms=timings["duration_ms"],
+                duration_ms=timings["duration_ms"] or 0.0,
+                error=None if error is None else error.message,
+                error_code=None if error is None else error.code,
             )
+            self.events.emit(kind, session, outcome)
 
 
 class SessionRegistry:
-    """The live and recently finished sessions, by id, with bounded retention."""
+    """The live and recently finished sessions, by id, with bounded retention.
+
+    Live sessions are kept until they finish; finished ones for `retention`
+    seconds and at most `max_retained` of them (the oldest go first). Plugins
+    use `get`, `find`, `live`, `retained`, `remove` and the counts; the runtime
+    adds and retires sessions.
+    """
 
     def __init__(self, retention: float = 60.0, max_retained: int = 10_000) -> None:
         self.retention = retention
         #: Finished sessions kept at most, whatever their age: retention is in
         #: seconds, and at a high request rate seconds can hold many buffers.
         self.max_retained = max_retained
-        self.sessions: dict[str, Session] = {}
-        self._expiry: collections.deque[tuple[float, str]] = collections.deque()
-        self.live = 0
+        self._live: dict[str, Session] = {}
+        #: Finished sessions in the order they finished, which is also the order
+        #: they expire in (retention is one number): (expiry, session).
+        self._retained: collections.OrderedDict[str, tuple[float, Session]] = collections.OrderedDict()
 
-    def add(self, session: Session) -> None:
-        self.sessions[session.id] = session
-        self.live += 1
+    # -- lookups -----------------------------------------------------------------
+
+    def find(self, session_id: str) -> Session | None:
+        """The session with this id, live or retained, or None."""
+        session = self._live.get(session_id)
+        if session is not None:
+            return session
+        kept = self._retained.get(session_id)
+        return None if kept is None else kept[1]
 
     def get(self, session_id: str) -> Session:
-        session = self.sessions.get(session_id)
+        """The session with this id; `NotFound` (a 404 for a route) when there is none."""
+        session = self.find(session_id)
         if session is None:
             raise NotFound(f"No session with id '{session_id}' (it never existed or its retention time has passed).")
         return session
 
+    def live(self) -> list[Session]:
+        """The live sessions, oldest first (a snapshot)."""
+        return list(self._live.values())
+
+    def retained(self) -> list[Session]:
+        """The finished sessions still kept, in the order they finished (a snapshot)."""
+        return [session for _, session in self._retained.values()]
+
+    def __iter__(self) -> Iterator[Session]:
+        """Every session, live ones first (over a snapshot)."""
+        return iter(self.live() + self.retained())
+
+    @property
+    def live_count(self) -> int:
+        return len(self._live)
+
+    @property
+    def retained_count(self) -> int:
+        return len(self._retained)
+
+    def __len__(self) -> int:
+        return len(self._live) + len(self._retained)
+
+    def remove(self, session_id: str) -> bool:
+        """Forget a finished session before its retention ends. Returns whether
+        it was kept. A live session cannot be removed: cancel it first."""
+        if session_id in self._live:
+            raise ValueError(f"session {session_id} is live; cancel it before removing it")
+        return self._retained.pop(session_id, None) is not None
+
+    # -- the runtime's side ------------------------------------------------------
+
+    def add(self, session: Session) -> None:
+        self._live[session.id] = session
+
     def retire(self, session: Session) -> None:
         """Called once when `session` finishes: start its retention clock."""
-        self.live -= 1
+        self._live.pop(session.id, None)
         if self.retention <= 0:
-            self.sessions.pop(session.id, None)
-        else:
-            self._expiry.append((time.monotonic() + self.retention, session.id))
-            while len(self._expiry) > self.max_retained:
-                _, oldest = self._expiry.popleft()
-                self.sessions.pop(oldest, None)
+            return
+        self._retained[session.id] = (time.monotonic() + self.retention, session)
+        while len(self._retained) > self.max_retained:
+            self._retained.popitem(last=False)
 
     def reap(self, now: float | None = None) -> int:
         """Remove the finished sessions whose retention time has passed."""
         now = time.monotonic() if now is None else now
         removed = 0
-        while self._expiry and self._expiry[0][0] <= now:
-            _, session_id = self._expiry.popleft()
-            if self.sessions.pop(session_id, None) is not None:
-                removed += 1
+        retained = self._retained
+        while retained:
+            session_id, (expiry, _) = next(iter(retained.items()))
+            if expiry > now:
+                break
+            del retained[session_id]
+            removed += 1
         return removed
 
     async def janitor(self) -> None:

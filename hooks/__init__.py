@@ -1,11 +1,105 @@
-"""The public plugin contract: the `hookimpl` marker, the hook specs, the plugin host.
+"""The public plugin contract: everything a plugin may import, in one place.
 
-A third-party plugin needs only::
+A plugin imports from here and nowhere else in streamvisor::
 
-    from streamvisor.hooks import hookimpl
+    from streamvisor.hooks import Delta, hookimpl, listens_to
+
+Every name in `__all__` is documented in docs/hooks.md ("The public API") and
+follows the stability policy of `CONTRACT_VERSION`. The modules these names come
+from (`streamvisor.core.*`) are the runtime's own: their other names may change
+in any release, and a test keeps the built-in plugins off them.
 """
 
-from .manager import BUILTIN_PLUGINS, ENTRY_POINT_GROUP, LoadedPlugin, PluginHost
-from .markers import hookimpl, hookspec, listens_to
+from __future__ import annotations
 
-__all__ = ["BUILTIN_PLUGINS", "ENTRY_POINT_GROUP", "LoadedPlugin", "PluginHost", "hookimpl", "hookspec", "listens_to"]
+from typing import Any
+
+from streamvisor.config.validators import at_least_one, not_negative, positive
+from streamvisor.core import httpclient
+from streamvisor.core.chat import ChatRequest, Delta, Usage, message_text
+from streamvisor.core.errors import (
+    APIError,
+    InternalError,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+    Overloaded,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from streamvisor.core.events import TERMINAL_TYPES, Event, EventType, ListenerStats, Outcome
+from streamvisor.core.health import Health
+from streamvisor.core.logs import log_context
+from streamvisor.core.metrics import Labelled
+from streamvisor.core.providers import ModelInfo, Provider, ProviderRegistry, Route
+from streamvisor.core.sessions import Session, SessionRegistry, unwrap
+from streamvisor.core.sse import SSEDecoder
+from streamvisor.core.web import ADMIN_KEY_ENV, admin_key, json_response, read_json, require_admin
+
+from .manager import BUILTIN_PLUGINS, DEFAULT_STACK, ENTRY_POINT_GROUP, LoadedPlugin, PluginHost  # noqa: F401 (the host's, for the CLI and tests)
+from .markers import CONTRACT_VERSION, StreamvisorDeprecationWarning, hookimpl, hookspec, listens_to
+
+__all__ = [
+    # the contract
+    "CONTRACT_VERSION",
+    "StreamvisorDeprecationWarning",
+    "hookimpl",
+    "hookspec",
+    "listens_to",
+    "Runtime",
+    # chat data
+    "ChatRequest",
+    "Delta",
+    "Usage",
+    "message_text",
+    # providers
+    "ModelInfo",
+    "Provider",
+    "ProviderRegistry",
+    "Route",
+    "httpclient",
+    "SSEDecoder",
+    # sessions and events
+    "Session",
+    "SessionRegistry",
+    "Event",
+    "EventType",
+    "Outcome",
+    "ListenerStats",
+    "TERMINAL_TYPES",
+    # errors
+    "APIError",
+    "InvalidRequest",
+    "NotFound",
+    "ModelNotFound",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "RateLimited",
+    "Overloaded",
+    "InternalError",
+    "unwrap",
+    # routes, health, metrics, logs
+    "json_response",
+    "read_json",
+    "require_admin",
+    "admin_key",
+    "ADMIN_KEY_ENV",
+    "Health",
+    "Labelled",
+    "log_context",
+    # settings validators
+    "positive",
+    "not_negative",
+    "at_least_one",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # The runtime imports this package's manager: importing the runtime here,
+    # eagerly, would be circular.
+    if name == "Runtime":
+        from streamvisor.core.runtime import Runtime
+
+        return Runtime
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,23 +22,32 @@ import pluggy
 from streamvisor.config import ConfigError, StreamvisorConfig, build_settings
 
 from . import specs
-from .markers import PROJECT
+from .markers import CONTRACT_VERSION, PROJECT
 
 log = logging.getLogger("streamvisor.plugins")
 
 ENTRY_POINT_GROUP = "streamvisor"
 
-#: Built-in plugins by the name plugins.toml gives them.
+#: Built-in plugins by the name plugins.toml gives them. Like any plugin, each
+#: runs only when plugins.toml names it.
 BUILTIN_PLUGINS: dict[str, str] = {
     "local": "streamvisor.plugins.local:LocalPlugin",
     "openai": "streamvisor.plugins.openai_upstream:OpenAIPlugin",
     "scripted": "streamvisor.plugins.scripted:ScriptedPlugin",
-    "monitor": "streamvisor.plugins.monitor:MonitorPlugin",
-    "usage": "streamvisor.plugins.usage:UsagePlugin",
-    "retry": "streamvisor.plugins.retry:RetryPlugin",
+    "reasoning": "streamvisor.plugins.reasoning:ReasoningPlugin",
     "cache": "streamvisor.plugins.cache:CachePlugin",
+    "retry": "streamvisor.plugins.retry:RetryPlugin",
+    "usage": "streamvisor.plugins.usage:UsagePlugin",
+    "monitor": "streamvisor.plugins.monitor:MonitorPlugin",
+    "health": "streamvisor.plugins.health:HealthPlugin",
     "admin": "streamvisor.plugins.admin:AdminPlugin",
 }
+
+#: The operational stack, in order, that `streamvisor serve --upstream` runs
+#: without a config file; the repository's plugins.toml enables the same.
+#: Order matters: reasoning splits <think> before the monitor measures chunks,
+#: the cache answers before retries are tried.
+DEFAULT_STACK: tuple[str, ...] = ("reasoning", "cache", "retry", "usage", "monitor", "health", "admin")
 
 
 def _version() -> str:
@@ -56,6 +65,8 @@ class LoadedPlugin:
     plugin: Any
     order: int
     settings: Any = None
+    #: The contract version the plugin says it was written for (None: it does not say).
+    contract: str | None = None
 
     @property
     def hooks(self) -> list[str]:
@@ -126,12 +137,13 @@ class PluginHost:
                     f"a built-in plugin or one installed in entry-point group '{ENTRY_POINT_GROUP}' ({', '.join(known)})",
                     f"'{entry.name}', which is neither",
                 )
+            contract = _check_contract(target, config.source, key)
             plugin, settings = _instantiate(target, entry.settings, config.source, key)
             try:
                 host.pm.register(plugin, name=entry.name)
             except pluggy.PluginValidationError as exc:
                 raise ConfigError(config.source, key, "a plugin whose hooks match the contract", str(exc)) from None
-            host.plugins[entry.name] = LoadedPlugin(entry.name, version, origin, plugin, entry.order, settings)
+            host.plugins[entry.name] = LoadedPlugin(entry.name, version, origin, plugin, entry.order, settings, contract)
         host._check(config.source)
         return host
 
@@ -175,12 +187,12 @@ class PluginHost:
             results.append(result)
         return results
 
-    async def call_per_plugin(self, hook_name: str, make_register: Callable[[str], Callable[..., Any]]) -> None:
+    async def call_per_plugin(self, hook_name: str, make_register: Callable[[str], Callable[..., Any]], **kwargs: Any) -> None:
         """Call a registration hook in order, giving each plugin its own
         ``register`` callback (``make_register(plugin_name)``), so that what it
         registers is known by the plugin's name."""
         for call in self.implementations(hook_name):
-            result = call(register=make_register(call.plugin_name))
+            result = call(register=make_register(call.plugin_name), **kwargs)
             if inspect.isawaitable(result):
                 await result
 
@@ -192,6 +204,27 @@ def _import(path: str) -> Any:
     module_name, _, attr = path.partition(":")
     module = importlib.import_module(module_name)
     return getattr(module, attr) if attr else module
+
+
+def _check_contract(target: Any, source: str, key: str) -> str | None:
+    """The contract version a plugin declares (`streamvisor_contract`); a plugin
+    written for another major version, or a newer minor one, cannot run here."""
+    declared = getattr(target, "streamvisor_contract", None)
+    if declared is None:
+        return None
+    ours = CONTRACT_VERSION.split(".")
+    parts = str(declared).split(".")
+    if not all(p.isdigit() for p in parts) or len(parts) > 2:
+        raise ConfigError(source, key, "a plugin whose streamvisor_contract is a version like '1.0'", repr(declared))
+    major, minor = int(parts[0]), int(parts[1]) if len(parts) > 1 else 0
+    if major != int(ours[0]) or minor > int(ours[1]):
+        raise ConfigError(
+            source,
+            key,
+            f"a plugin written for the plugin contract {ours[0]}.x up to {CONTRACT_VERSION} (this streamvisor's)",
+            f"one written for contract {declared}",
+        )
+    return str(declared)
 
 
 def _instantiate(target: Any, table: dict[str, Any], source: str, key: str) -> tuple[Any, Any]:

@@ -1,10 +1,11 @@
-"""Every hook a plugin can implement.
+"""Every hook a plugin can implement: contract version 1.
 
 Bodies are docstrings only; `docs/hooks.md` repeats each signature and a test keeps
 the two in step. An implementation may be a plain function or a coroutine
 function: the runtime awaits whatever is awaitable. pluggy passes an
-implementation only the arguments it names, so a hook can gain arguments later
-without breaking a plugin.
+implementation only the arguments it names, so every hook offers `runtime` and an
+implementation that does not need it leaves it out; a hook can gain arguments
+later without breaking a plugin.
 
 Hooks that affect the stream itself (middleware, chunk transformers) are
 *registration* hooks: they run once at start-up and hand the runtime plain
@@ -23,16 +24,15 @@ from .markers import hookspec
 def startup(runtime):
     """Called once when the runtime has started, before the server accepts requests.
 
-    :param runtime: the `streamvisor.core.runtime.Runtime`; keep it to reach the
-        session registry, the event dispatcher or the nursery-owning supervisor.
+    :param runtime: the running `Runtime`; its public API is in docs/hooks.md.
     """
 
 
 @hookspec
 def shutdown(runtime):
-    """Called once when the server stops, before sessions and services are cancelled.
-
-    Runs under a bounded grace period: work that outlives it is cancelled.
+    """Called once when the server stops: after live sessions were stopped and
+    their terminal events delivered, before providers are closed and services
+    cancelled. The whole shutdown shares one grace period.
     """
 
 
@@ -40,70 +40,87 @@ def shutdown(runtime):
 
 
 @hookspec
-def register_providers(register):
+def register_event_types(register, runtime):
+    """Declare the event types this plugin emits.
+
+    :param register: call ``register(name, description="")`` once per type;
+        the name is unique across core and plugins. Sessions emit declared types
+        with ``session.emit(name, **data)``; listeners may `listens_to` them.
+    """
+
+
+@hookspec
+def register_providers(register, runtime):
     """Register model providers.
 
     :param register: call ``register(provider)`` once per provider; a provider has a
         ``name``, an ``async list_models()`` returning `ModelInfo`s and a
-        ``stream(request)`` async generator of `Delta`s (see `streamvisor.core.providers`).
+        ``stream(request)`` async generator of `Delta`s.
     """
 
 
 @hookspec
-def register_routes(register):
-    """Add HTTP routes.
-
-    :param register: call ``register(path, view, methods=("GET",))``; ``view`` is an
-        async quart view function. Raise `streamvisor.core.errors.APIError` for an
-        error response in the OpenAI envelope.
-    """
-
-
-@hookspec
-def register_services(register):
-    """Add long-lived service actors, supervised one_for_one by the runtime.
-
-    :param register: call ``register(name, run, restart="permanent")``; ``run`` is an
-        ``async def run()`` taking no arguments. ``restart`` is "permanent" (always
-        restarted, even when it returns), "transient" (restarted only when it raised)
-        or "temporary" (never restarted). Restarts are logged and counted across all
-        of the root supervisor's children: more than ``[server] restart_intensity``
-        within ``restart_period_seconds`` stop the server.
-    """
-
-
-@hookspec
-def register_middleware(register):
+def register_middleware(register, runtime):
     """Wrap the provider call (retry, cache, fallback, guardrails).
 
     :param register: call ``register(middleware)`` where ``middleware(request,
-        call_next)`` is an async generator function (or a plain function that
-        returns an async iterator, such as ``call_next(request)`` itself): it may
-        change the request, call ``call_next(request)`` (an async iterator of
-        `Delta`) zero or more times, and yield the deltas the client should see.
-        The middleware of the first plugin in plugins.toml is outermost.
+        call_next, session)`` is an async generator function (or a plain function
+        that returns an async iterator, such as ``call_next(request)`` itself). It
+        may change the request, call ``call_next(request)`` zero or more times, and
+        yields the deltas the client should see. ``session`` is the `Session`:
+        set response headers and emit events through it. The middleware of the
+        first plugin in plugins.toml is outermost.
     """
 
 
 @hookspec
-def register_chunk_transformers(register):
-    """Transform each chunk before it is buffered and sent.
+def register_chunk_transformers(register, runtime):
+    """Transform each chunk of a session before it is buffered and sent.
 
-    :param register: call ``register(transform)`` where ``transform(delta, session)``
-        returns the delta to keep (the same one, or a changed copy made with
-        ``attrs.evolve``) or ``None`` to drop it. Transformers run in plugins.toml
-        order, synchronously, on the hot path: keep them quick.
+    :param register: call ``register(factory)``; ``factory(session)`` is called
+        when a session starts and returns ``transform(delta)`` for that session
+        (or None to leave the session alone). ``transform`` returns the delta to
+        keep (the same one or an ``attrs.evolve`` copy) or None to drop it; it may
+        keep that session's state, which ends with the session.
     """
 
 
 @hookspec
-def register_health_checks(register):
-    """Add readiness checks (shown by the health plugin's /health/ready).
+def register_routes(register, runtime):
+    """Add HTTP routes.
+
+    :param register: call ``register(path, view, methods=("GET",))``; ``view`` is an
+        async quart view function. Raise `APIError` for an error response in the
+        OpenAI envelope.
+    """
+
+
+@hookspec
+def register_services(register, runtime):
+    """Add long-lived service actors, supervised one_for_one by the runtime.
+
+    :param register: call ``register(name, run, restart="permanent")``; ``run`` is an
+        ``async def run()`` taking no arguments. ``restart`` is "permanent",
+        "transient" or "temporary".
+    """
+
+
+@hookspec
+def register_health_checks(register, runtime):
+    """Add readiness checks (run by the health plugin's /health/ready).
 
     :param register: call ``register(name, check)`` where ``check`` is an ``async
-        def check()`` returning `streamvisor.core.health.Health(ok, detail)` or a
-        bool. A check that raises or takes longer than its timeout counts as not
-        ready.
+        def check()`` returning `Health(ok, detail)` or a bool.
+    """
+
+
+@hookspec
+def register_status_panels(register, runtime):
+    """Publish a status panel: what this plugin shows about itself to operators
+    and to other plugins (the admin plugin's /admin/status shows every panel).
+
+    :param register: call ``register(name, panel)`` where ``panel()`` (sync or
+        async) returns a JSON-ready dict.
     """
 
 
@@ -111,14 +128,14 @@ def register_health_checks(register):
 
 
 @hookspec
-def on_event(event):
-    """Observe a session event (created, started, first_token, chunk, completed,
-    failed, stopped, disconnected).
+def on_event(event, runtime):
+    """Observe a session event: the life cycle (created, started, first_token,
+    chunk, completed, failed, stopped, disconnected) and the types plugins declare.
 
-    :param event: a frozen `streamvisor.core.events.Event`.
+    :param event: a frozen `Event`; a terminal one carries the session's `Outcome`
+        (and so its `Usage`).
 
-    Observation cannot change or delay a stream: each listener has its own bounded
-    queue and task; an event that finds the queue full is dropped and counted, and
-    an exception is logged and counted against the plugin. Async listeners are
-    awaited; sync listeners must not block.
+    Observation cannot change or delay a stream: each listener has its own queue
+    and task. Terminal events are never dropped; other events are dropped and
+    counted when the listener's queue is full.
     """

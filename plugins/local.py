@@ -37,10 +37,7 @@ import attrs
 import outcome
 import trio
 
-from streamvisor.core.chat import ChatRequest, Delta, Usage, message_text
-from streamvisor.core.errors import InvalidRequest
-from streamvisor.core.providers import ModelInfo
-from streamvisor.hooks import hookimpl
+from streamvisor.hooks import ChatRequest, Delta, InvalidRequest, ModelInfo, Usage, hookimpl, message_text
 
 log = logging.getLogger("streamvisor.plugins.local")
 
@@ -352,6 +349,7 @@ class LocalProvider:
 
 class LocalPlugin:
     Settings = Settings
+    streamvisor_contract = "1.0"
 
     def __init__(self, settings: Settings) -> None:
         self.provider = LocalProvider(settings)

@@ -19,9 +19,12 @@ It owns three things:
 
 Every structure is bounded: tracked sessions (`max_tracked_sessions`), retained
 finished sessions (`retained_sessions`), and the samples percentiles are computed
-over (`summary_window` per model). A tracking record normally leaves with its
-session's terminal event; one whose event was dropped (the listener's queue was
-full) is reclaimed when the bound is reached, because its session has finished.
+over (`summary_window` per model). A tracking record leaves with its session's
+terminal event, which is never dropped.
+
+Every event type that other plugins declare (`retry`, `fallback`, `cache_hit`,
+...) is counted by type in `streamvisor_events_total`, without the monitor
+knowing their names.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ import collections
 import logging
 import math
 import time
-import weakref
 from typing import Any, Iterator
 
 import attrs
@@ -39,12 +41,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, ge
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from quart import Response
 
-from streamvisor.core.chat import Delta
-from streamvisor.core.errors import NotFound
-from streamvisor.core.events import TERMINAL_TYPES, Event
-from streamvisor.core.logs import request_id_var, session_id_var
-from streamvisor.core.metrics import Labelled
-from streamvisor.hooks import hookimpl, listens_to
+from streamvisor.hooks import Delta, Event, Labelled, NotFound, Session, hookimpl, listens_to, log_context
 
 log = logging.getLogger("streamvisor.monitor")
 
@@ -80,21 +77,43 @@ class Settings:
 
 @attrs.define(slots=True, eq=False)
 class _Tracking:
-    """What the chunk transformer records for one live session."""
+    """One live session's chunk timing: its per-session chunk transformer."""
 
-    #: A weak reference, so that a record whose terminal event never came does not
-    #: keep the session (and its buffer) alive; a dead or finished session's
-    #: record may be reclaimed.
-    session: weakref.ref
-    #: perf_counter() of the last output chunk.
-    last: float
+    #: The gap histogram's bucket bounds (shared by all sessions).
+    bounds: tuple[float, ...]
+    #: Gap counts per bucket (the last one is +Inf), folded into the aggregate
+    #: histogram when the session ends: no Prometheus call per chunk.
+    gap_counts: list[int]
+    #: perf_counter() of the last output chunk (None before the first).
+    last: float | None = None
     chunks: int = 0
     bytes: int = 0
     gap_sum: float = 0.0
     gap_max: float = 0.0
-    #: Gap counts per bucket (the last one is +Inf), folded into the aggregate
-    #: histogram when the session ends: no Prometheus call per chunk.
-    gap_counts: list[int] = attrs.field(factory=list)
+
+    def observe(self, delta: Delta) -> Delta:
+        """The chunk transformer: time output chunks, return the delta unchanged."""
+        content, reasoning = delta.content, delta.reasoning
+        if not (content or reasoning or delta.tool_calls):
+            return delta  # usage-only or finish-only: not an output chunk
+        now = time.perf_counter()
+        last = self.last
+        if last is not None:
+            gap = now - last
+            self.gap_sum += gap
+            if gap > self.gap_max:
+                self.gap_max = gap
+            # Chunks that came in one read are ~0 apart: the first bucket,
+            # without a bisect.
+            bounds = self.bounds
+            self.gap_counts[0 if gap <= bounds[0] else bisect.bisect_left(bounds, gap)] += 1
+        self.last = now
+        self.chunks += 1
+        if content:
+            self.bytes += len(content) if content.isascii() else _utf8_len(content)
+        if reasoning:
+            self.bytes += _utf8_len(reasoning)
+        return delta
 
 
 @attrs.frozen
@@ -265,6 +284,7 @@ class _ListenerStatsCollector:
         ("streamvisor_event_listener_delivered", "Events delivered to a plugin's on_event listener.", "delivered"),
         ("streamvisor_event_listener_errors", "Events on which a plugin's on_event listener raised.", "errors"),
         ("streamvisor_event_listener_dropped", "Events dropped because a plugin's listener queue was full.", "dropped"),
+        ("streamvisor_event_listener_timeouts", "Listener calls cancelled for taking longer than listener_timeout_seconds.", "timeouts"),
     )
 
     def __init__(self, runtime: Any) -> None:
@@ -295,9 +315,7 @@ class _Metrics:
     chunks: Labelled
     bytes: Labelled
     errors: Labelled
-    retries: Labelled
-    fallbacks: Labelled
-    cache_hits: Labelled
+    events: Labelled
     untracked: Counter
 
     @classmethod
@@ -305,7 +323,7 @@ class _Metrics:
         registry = runtime.metrics
         labels = ["model", "provider"]
         active = Gauge("streamvisor_sessions_active", "Sessions that have not finished yet.", registry=registry)
-        active.set_function(lambda: runtime.sessions.live)
+        active.set_function(lambda: runtime.sessions.live_count)
         registry.register(_GapHistogram(plugin))
         registry.register(_ListenerStatsCollector(runtime))
         return cls(
@@ -333,9 +351,12 @@ class _Metrics:
             chunks=Labelled(Counter("streamvisor_stream_chunks", "Output chunks (content, reasoning or tool calls) streamed.", labels, registry=registry)),
             bytes=Labelled(Counter("streamvisor_stream_output_bytes", "UTF-8 bytes of content and reasoning streamed.", labels, registry=registry)),
             errors=Labelled(Counter("streamvisor_stream_errors", "Failed sessions by error type.", [*labels, "error_type"], registry=registry)),
-            retries=Labelled(Counter("streamvisor_monitor_retries", "Retry events seen by the monitor.", labels, registry=registry)),
-            fallbacks=Labelled(Counter("streamvisor_monitor_fallbacks", "Fallback events seen by the monitor.", labels, registry=registry)),
-            cache_hits=Labelled(Counter("streamvisor_monitor_cache_hits", "Cache hit events seen by the monitor.", labels, registry=registry)),
+            events=Labelled(Counter(
+                "streamvisor_events",
+                "Session events of the types plugins declare (retry, fallback, cache_hit, ...), by type.",
+                ["type", *labels],
+                registry=registry,
+            )),
             untracked=Counter(
                 "streamvisor_monitor_untracked_sessions",
                 "Sessions that streamed output but were not timed (max_tracked_sessions was reached).",
@@ -346,19 +367,20 @@ class _Metrics:
 
 class MonitorPlugin:
     Settings = Settings
+    streamvisor_contract = "1.0"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.runtime: Any = None
         self.metrics: _Metrics | None = None
-        #: Live sessions' chunk timing, oldest first (reclaimed from the front).
-        self.tracked: collections.OrderedDict[str, _Tracking] = collections.OrderedDict()
+        #: Live sessions' chunk timing by session id; each leaves with its
+        #: session's terminal event (never dropped).
+        self.tracked: dict[str, _Tracking] = {}
         #: Finished sessions' stats, least recently used first.
         self.finished: collections.OrderedDict[str, SessionStats] = collections.OrderedDict()
         self.by_model: dict[str, _Aggregate] = {}
         self.overall = self._aggregate("*")
         self.untracked = 0
-        self.transform_errors = 0
         self._gap_bounds = settings.gap_buckets
 
     def _aggregate(self, provider: str) -> _Aggregate:
@@ -373,7 +395,7 @@ class MonitorPlugin:
 
     @hookimpl
     def register_chunk_transformers(self, register: Any) -> None:
-        register(self.observe_chunk)
+        register(self.tracker)
 
     @hookimpl
     def register_routes(self, register: Any) -> None:
@@ -382,76 +404,28 @@ class MonitorPlugin:
         register("/v1/monitor/sessions/<session_id>", self.session_view)
 
     @hookimpl
-    @listens_to("completed", "failed", "stopped", "disconnected", "retry", "fallback", "cache_hit")
+    def register_status_panels(self, register: Any) -> None:
+        register("summary", self.summary)
+
+    @hookimpl
+    # Everything but the per-session life cycle (counted by the terminal events)
+    # and the per-chunk events: the types other plugins declare, unnamed here.
+    @listens_to(exclude=("created", "started", "first_token", "chunk"))
     def on_event(self, event: Event) -> None:
-        kind = event.type
-        if kind in TERMINAL_TYPES:
+        if event.outcome is not None:
             self._finish(event)
         elif self.metrics is not None:
-            if kind == "retry":
-                self.metrics.retries(event.model, event.provider).inc()
-            elif kind == "fallback":
-                self.metrics.fallbacks(event.model, event.provider).inc()
-            elif kind == "cache_hit":
-                self.metrics.cache_hits(event.model, event.provider).inc()
+            self.metrics.events(event.type, event.model, event.provider).inc()
 
     # -- the hot path ------------------------------------------------------------
 
-    def observe_chunk(self, delta: Delta, session: Any) -> Delta:
-        """The chunk transformer: time output chunks, return the delta unchanged."""
-        content, reasoning = delta.content, delta.reasoning
-        if not (content or reasoning or delta.tool_calls):
-            return delta  # usage-only or finish-only: not an output chunk
-        try:
-            now = time.perf_counter()
-            tracking = self.tracked.get(session.id)
-            if tracking is None:
-                tracking = self._track(session, now)
-                if tracking is None:
-                    return delta
-            else:
-                gap = now - tracking.last
-                tracking.gap_sum += gap
-                if gap > tracking.gap_max:
-                    tracking.gap_max = gap
-                # Chunks that came in one read are ~0 apart: the first bucket,
-                # without a bisect.
-                bounds = self._gap_bounds
-                tracking.gap_counts[0 if gap <= bounds[0] else bisect.bisect_left(bounds, gap)] += 1
-                tracking.last = now
-            tracking.chunks += 1
-            if content:
-                tracking.bytes += len(content) if content.isascii() else _utf8_len(content)
-            if reasoning:
-                tracking.bytes += _utf8_len(reasoning)
-        except Exception:
-            # Monitoring must never fail a stream.
-            self.transform_errors += 1
-            if self.transform_errors == 1:
-                log.exception("the monitor's chunk transformer failed; the stream is unaffected")
-        return delta
-
-    def _track(self, session: Any, now: float) -> _Tracking | None:
+    def tracker(self, session: Session) -> Any:
+        """A session starts: its own `_Tracking`, whose `observe` is its transformer."""
         tracked = self.tracked
-        if len(tracked) >= self.settings.max_tracked_sessions and not self._reclaim():
-            return None  # every tracked session is live: this one goes untimed
-        tracking = _Tracking(weakref.ref(session), now, gap_counts=[0] * (len(self._gap_bounds) + 1))
-        tracked[session.id] = tracking
-        return tracking
-
-    def _reclaim(self, probes: int = 8) -> bool:
-        """Free one slot: drop the first record, among the oldest few, whose session
-        has finished (its terminal event was dropped, or is still queued). Live
-        ones met on the way move to the back, so repeated calls sweep the dict."""
-        tracked = self.tracked
-        for _ in range(min(probes, len(tracked))):
-            session_id, tracking = next(iter(tracked.items()))
-            session = tracking.session()
-            if session is None or session.finished:
-                del tracked[session_id]
-                return True
-            tracked.move_to_end(session_id)
-        return False
+        if len(tracked) >= self.settings.max_tracked_sessions:
+            return None  # past the bound this session goes untimed (and counted when it ends)
+        tracking = tracked[session.id] = _Tracking(self._gap_bounds, [0] * (len(self._gap_bounds) + 1))
+        return tracking.observe
 
     # -- a session ends ----------------------------------------------------------
 
@@ -468,7 +442,7 @@ class MonitorPlugin:
         aggregate.add(stats, tracking)
         self.overall.add(stats, tracking)
         if tracking is None and stats.ttft_ms is not None and stats.completion_tokens > 0:
-            # It streamed output, but its timing was never taken or was reclaimed.
+            # It streamed output, but was not timed (past max_tracked_sessions).
             self.untracked += 1
             if self.metrics is not None:
                 self.metrics.untracked.inc()
@@ -478,11 +452,12 @@ class MonitorPlugin:
             self._log(stats)
 
     def _stats(self, event: Event, tracking: _Tracking | None) -> SessionStats:
-        data = event.data
-        usage = data.get("usage") or {}
-        completion = int(usage.get("completion_tokens") or 0)
-        ttft_ms = data.get("first_token_ms")
-        duration_ms = data.get("duration_ms")
+        outcome = event.outcome
+        assert outcome is not None
+        usage = outcome.usage
+        completion = usage.completion_tokens
+        ttft_ms = outcome.first_token_ms
+        duration_ms = outcome.duration_ms
         rate = None
         if ttft_ms is not None and duration_ms is not None and completion > 0 and duration_ms > ttft_ms:
             rate = round(completion / ((duration_ms - ttft_ms) / 1000), 3)
@@ -493,9 +468,9 @@ class MonitorPlugin:
             model=event.model,
             provider=event.provider,
             outcome=event.type,
-            reason=data.get("reason"),
-            finish_reason=data.get("finish_reason"),
-            error_type=(data.get("error_type") or "unknown") if event.type == "failed" else None,
+            reason=outcome.reason,
+            finish_reason=outcome.finish_reason,
+            error_type=(outcome.error_code or "unknown") if event.type == "failed" else None,
             ttft_ms=ttft_ms,
             duration_ms=duration_ms,
             chunks=tracking.chunks if tracking is not None else 0,
@@ -503,10 +478,10 @@ class MonitorPlugin:
             gap_count=gaps,
             gap_max_ms=_ms(tracking.gap_max) if gaps else None,
             gap_mean_ms=_ms(tracking.gap_sum / gaps) if gaps else None,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            prompt_tokens=usage.prompt_tokens,
             completion_tokens=completion,
-            reasoning_tokens=int((usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0),
-            tokens_exact=bool(usage.get("exact", False)),
+            reasoning_tokens=usage.reasoning_tokens,
+            tokens_exact=usage.exact,
             tokens_per_second=rate,
             finished_at=event.at,
         )
@@ -528,12 +503,8 @@ class MonitorPlugin:
             metrics.errors(model, provider, stats.error_type).inc()
 
     def _log(self, stats: SessionStats) -> None:
-        # The listener runs on its own task, whose context carries no request: the
-        # core's log record factory reads the ids from these context variables (and
-        # refuses them as `extra=`), so set them for this one call.
-        request_token = request_id_var.set(stats.request_id or "-")
-        session_token = session_id_var.set(stats.session_id)
-        try:
+        # The listener runs on its own task, whose context carries no request.
+        with log_context(stats.request_id, stats.session_id):
             log.info(
                 "session %s: model=%s provider=%s ttft=%s duration=%s chunks=%d tokens=%d+%d tok/s=%s%s",
                 stats.outcome,
@@ -547,9 +518,6 @@ class MonitorPlugin:
                 "-" if stats.tokens_per_second is None else f"{stats.tokens_per_second:.1f}",
                 f" error_type={stats.error_type}" if stats.error_type else "",
             )
-        finally:
-            session_id_var.reset(session_token)
-            request_id_var.reset(request_token)
 
     # -- views -------------------------------------------------------------------
 
@@ -562,7 +530,7 @@ class MonitorPlugin:
             self.finished.move_to_end(session_id)
             return stats.to_json()
         tracking = self.tracked.get(session_id)
-        session = self.runtime.sessions.sessions.get(session_id) if self.runtime is not None else None
+        session = self.runtime.sessions.find(session_id)
         if session is None or session.finished:
             # Finished sessions are answered from the LRU above once their terminal
             # event was handled; until then (a few ms), or once it left the LRU: unknown.
@@ -599,8 +567,12 @@ class MonitorPlugin:
         }
 
     async def summary_view(self) -> dict[str, Any]:
+        return self.summary()
+
+    def summary(self) -> dict[str, Any]:
+        """The body of GET /v1/monitor/summary; also this plugin's status panel."""
         bounds = self.settings.gap_buckets
-        body = {"object": "monitor.summary", "live": self.runtime.sessions.live if self.runtime is not None else 0}
+        body = {"object": "monitor.summary", "live": self.runtime.sessions.live_count}
         body.update(self.overall.to_json(bounds))
         body["by_model"] = {
             model: {"provider": aggregate.provider, **aggregate.to_json(bounds)}

@@ -24,14 +24,21 @@ from urllib.parse import urlsplit
 import attrs
 import orjson
 
-from streamvisor.core.chat import ChatRequest, Delta, Usage
-from streamvisor.core.errors import APIError, RateLimited, UpstreamError, UpstreamTimeout
-from streamvisor.core.health import Health
-from streamvisor.core.httpclient import HTTPClient, Response, TimeoutError as ClientTimeout, TransportError, check_base_url, check_header
-from streamvisor.core.providers import ModelInfo
-from streamvisor.core.sse import SSEDecoder
-from streamvisor.hooks import hookimpl
-from streamvisor.config.validators import positive
+from streamvisor.hooks import (
+    APIError,
+    ChatRequest,
+    Delta,
+    Health,
+    ModelInfo,
+    RateLimited,
+    SSEDecoder,
+    UpstreamError,
+    UpstreamTimeout,
+    Usage,
+    hookimpl,
+    httpclient,
+    positive,
+)
 
 log = logging.getLogger("streamvisor.plugins.openai")
 
@@ -40,7 +47,7 @@ _JSON = (("Content-Type", "application/json"),)
 
 
 def _http_url(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    check_base_url(value, attribute.name)
+    httpclient.check_base_url(value, attribute.name)
 
 
 def _existing_file(instance: Any, attribute: attrs.Attribute, value: str | None) -> None:
@@ -51,7 +58,7 @@ def _existing_file(instance: Any, attribute: attrs.Attribute, value: str | None)
 def _header_values(instance: Any, attribute: attrs.Attribute, value: dict[str, str]) -> None:
     for name, text in value.items():
         try:
-            check_header(name, str(text))
+            httpclient.check_header(name, str(text))
         except ValueError as exc:
             raise ValueError(f"{attribute.name}: {exc}") from None
 
@@ -143,7 +150,7 @@ class OpenAIUpstream:
         headers = {"Accept": "text/event-stream", **upstream.headers}
         if upstream.api_key:
             headers["Authorization"] = f"Bearer {upstream.api_key}"
-        self.client = HTTPClient(
+        self.client = httpclient.HTTPClient(
             upstream.base_url,
             headers=headers,
             connect_timeout=upstream.connect_timeout,
@@ -169,7 +176,7 @@ class OpenAIUpstream:
                 raise ValueError(f"it answered {response.status}: {_error_message(body)}")
             data = orjson.loads(body).get("data", [])
             return [ModelInfo(str(m["id"]), owned_by=self.name) for m in data if isinstance(m, dict) and "id" in m]
-        except (TransportError, ValueError, AttributeError) as exc:
+        except (httpclient.TransportError, ValueError, AttributeError) as exc:
             log.warning("could not list the models of upstream %r at %s: %s", self.name, upstream.base_url, exc)
             return []
 
@@ -213,9 +220,9 @@ class OpenAIUpstream:
                             delta = self._delta(data)
                             if delta is not None:
                                 yield delta
-        except ClientTimeout as exc:
+        except httpclient.TimeoutError as exc:
             raise UpstreamTimeout(f"Upstream '{self.name}' timed out: {exc}.") from exc
-        except TransportError as exc:
+        except httpclient.TransportError as exc:
             raise UpstreamError(f"Upstream '{self.name}' is unreachable or broke the connection ({type(exc).__name__}: {exc}).") from exc
         except ValueError as exc:  # the SSE decoder's line bound
             raise UpstreamError(f"Upstream '{self.name}' sent a malformed stream: {exc}.") from exc
@@ -244,7 +251,7 @@ class OpenAIUpstream:
             usage=_usage(usage) if usage else None,
         )
 
-    async def _status_error(self, response: Response) -> APIError:
+    async def _status_error(self, response: httpclient.Response) -> APIError:
         body = await response.read(_ERROR_BODY_LIMIT)
         message = f"Upstream '{self.name}' answered {response.status}: {_error_message(body)}"
         status = response.status
@@ -262,6 +269,7 @@ class OpenAIUpstream:
 
 class OpenAIPlugin:
     Settings = Settings
+    streamvisor_contract = "1.0"
 
     def __init__(self, settings: Settings) -> None:
         self.providers = [OpenAIUpstream(u) for u in settings.upstreams]

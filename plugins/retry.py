@@ -11,12 +11,12 @@ no fallback is tried (the client already has output that a second attempt would
 duplicate): the error propagates and the core ends the stream with a terminal
 error event, keeping the usage so far.
 
-Retries are run by tenacity's `AsyncRetrying`, with `trio.sleep` passed in
-explicitly. Each attempt returns its outcome as a value (`Opened` or `Failure`)
-instead of raising, and tenacity decides on results only: an attempt catches
-`Exception`s itself, so what reaches tenacity as an exception is a
-BaseException (trio.Cancelled, KeyboardInterrupt), which it re-raises at once,
-unretried. A disconnect during a backoff wait cancels `trio.sleep` directly.
+Retries are a plain loop (`_with_retries`): an attempt returns its outcome as
+a value (`Opened` or `Failure`), catching `Exception`s itself, so cancellation
+(a stop, a disconnect) is never retried: it passes through the attempt, and a
+disconnect during a backoff wait cancels `trio.sleep` directly. The policy of
+one model on one provider is one `Policy`: the plugin's own table, then the
+provider's, then the model's, each setting only what it changes.
 """
 
 from __future__ import annotations
@@ -34,17 +34,23 @@ import attrs
 import httpx
 import trio
 from prometheus_client import Counter, Gauge
-from tenacity import AsyncRetrying, RetryCallState, retry_if_result, stop_after_attempt
-from tenacity.stop import stop_base
-from tenacity.wait import wait_base
 
-from streamvisor.core import httpclient
-from streamvisor.core.chat import ChatRequest, Delta
-from streamvisor.core.errors import APIError, RateLimited, UpstreamError, UpstreamTimeout
-from streamvisor.core.health import Health
-from streamvisor.core.sessions import unwrap
-from streamvisor.hooks import hookimpl
-from streamvisor.config.validators import at_least_one, not_negative, positive
+from streamvisor.hooks import (
+    APIError,
+    ChatRequest,
+    Delta,
+    Health,
+    RateLimited,
+    Session,
+    UpstreamError,
+    UpstreamTimeout,
+    at_least_one,
+    hookimpl,
+    httpclient,
+    not_negative,
+    positive,
+    unwrap,
+)
 
 log = logging.getLogger("streamvisor.plugins.retry")
 
@@ -81,42 +87,48 @@ def _multiplier(instance: Any, attribute: attrs.Attribute, value: float | None) 
 
 
 @attrs.frozen
-class PolicyOverride:
-    """A `[plugins.retry.providers.NAME]` or `[plugins.retry.models.NAME]` table:
-    the keys it sets replace the defaults; the others are inherited."""
+class Policy:
+    """The retry policy of one model on one provider.
 
+    Every field may be left unset (None) in a table: `[plugins.retry]` itself,
+    `[plugins.retry.providers.NAME]` and `[plugins.retry.models.NAME]` are
+    merged in that order onto `DEFAULT_POLICY`, each setting only what it
+    changes.
+    """
+
+    #: Attempts in all, the first one included (1: never retry).
     attempts: int | None = attrs.field(default=None, validator=at_least_one)
+    #: Seconds from the first attempt: no wait and no new attempt goes past it.
     deadline: float | None = attrs.field(default=None, validator=positive)
+    #: Backoff before retry n (n = 1, 2, ...): min(backoff_max,
+    #: backoff_initial * backoff_multiplier ** (n - 1)) + uniform(0, jitter).
     backoff_initial: float | None = attrs.field(default=None, validator=not_negative)
     backoff_max: float | None = attrs.field(default=None, validator=not_negative)
     backoff_multiplier: float | None = attrs.field(default=None, validator=_multiplier)
     jitter: float | None = attrs.field(default=None, validator=not_negative)
-    retry_on: list[Reason] | None = None
+    retry_on: tuple[Reason, ...] | None = None
 
-
-@attrs.frozen
-class Policy:
-    """The retry policy of one model on one provider."""
-
-    #: Attempts in all, the first one included (1: never retry).
-    attempts: int = 3
-    #: Seconds from the first attempt: no wait and no new attempt goes past it.
-    deadline: float = 30.0
-    #: Backoff before retry n (n = 1, 2, ...): min(backoff_max,
-    #: backoff_initial * backoff_multiplier ** (n - 1)) + uniform(0, jitter).
-    backoff_initial: float = 0.5
-    backoff_max: float = 8.0
-    backoff_multiplier: float = 2.0
-    jitter: float = 0.5
-    retry_on: tuple[str, ...] = RETRYABLE
-
-    def merge(self, override: PolicyOverride | None) -> "Policy":
+    def merge(self, override: "Policy | None") -> "Policy":
+        """This policy with what `override` sets replacing it."""
         if override is None:
             return self
-        changes = {f.name: getattr(override, f.name) for f in attrs.fields(PolicyOverride) if getattr(override, f.name) is not None}
-        if "retry_on" in changes:
-            changes["retry_on"] = tuple(changes["retry_on"])
-        return attrs.evolve(self, **changes)
+        changes = {f.name: getattr(override, f.name) for f in attrs.fields(Policy) if getattr(override, f.name) is not None}
+        return attrs.evolve(self, **changes) if changes else self
+
+    def backoff(self, retry: int) -> float:
+        """The wait before retry number `retry` (1 for the first retry)."""
+        assert self.backoff_initial is not None and self.backoff_max is not None and self.backoff_multiplier is not None
+        try:
+            wait = self.backoff_initial * self.backoff_multiplier ** (retry - 1)
+        except OverflowError:
+            wait = self.backoff_max
+        return min(wait, self.backoff_max) + random.uniform(0, self.jitter or 0.0)
+
+
+#: What a table leaves unset.
+DEFAULT_POLICY = Policy(
+    attempts=3, deadline=30.0, backoff_initial=0.5, backoff_max=8.0, backoff_multiplier=2.0, jitter=0.5, retry_on=RETRYABLE
+)
 
 
 @attrs.frozen
@@ -143,32 +155,16 @@ def _fallback_chains(instance: Any, attribute: attrs.Attribute, value: dict[str,
 
 
 @attrs.frozen
-class Settings:
-    attempts: int = attrs.field(default=3, validator=at_least_one)
-    deadline: float = attrs.field(default=30.0, validator=positive)
-    backoff_initial: float = attrs.field(default=0.5, validator=not_negative)
-    backoff_max: float = attrs.field(default=8.0, validator=not_negative)
-    backoff_multiplier: float = attrs.field(default=2.0, validator=_multiplier)
-    jitter: float = attrs.field(default=0.5, validator=not_negative)
-    retry_on: list[Reason] = attrs.field(factory=lambda: list(RETRYABLE))
+class Settings(Policy):
+    """`[plugins.retry]`: the default policy (the `Policy` fields), the
+    per-provider and per-model policies, fallback chains and the circuit."""
+
     #: Policies by provider name, then by model name (a model's wins).
-    providers: dict[str, PolicyOverride] = attrs.field(factory=dict)
-    models: dict[str, PolicyOverride] = attrs.field(factory=dict)
+    providers: dict[str, Policy] = attrs.field(factory=dict)
+    models: dict[str, Policy] = attrs.field(factory=dict)
     #: A model's fallbacks, tried in order when it gives up before its first chunk.
     fallbacks: dict[str, list[str]] = attrs.field(factory=dict, validator=_fallback_chains)
     circuit: CircuitSettings = attrs.field(factory=CircuitSettings)
-
-    @property
-    def default_policy(self) -> Policy:
-        return Policy(
-            attempts=self.attempts,
-            deadline=self.deadline,
-            backoff_initial=self.backoff_initial,
-            backoff_max=self.backoff_max,
-            backoff_multiplier=self.backoff_multiplier,
-            jitter=self.jitter,
-            retry_on=tuple(self.retry_on),
-        )
 
 
 # -- errors and their classes -------------------------------------------------------
@@ -387,70 +383,16 @@ async def _read_head(stream: AsyncIterator[Delta]) -> tuple[list[Delta], bool]:
     return head, False
 
 
-class _Backoff(wait_base):
-    """Exponential backoff with jitter; a 429's Retry-After replaces it."""
-
-    def __init__(self, policy: Policy) -> None:
-        self.policy = policy
-
-    def __call__(self, retry_state: RetryCallState) -> float:
-        failure = retry_state.outcome.result() if retry_state.outcome is not None else None
-        if isinstance(failure, Failure) and failure.retry_after is not None:
-            return failure.retry_after
-        policy = self.policy
-        exponent = retry_state.attempt_number - 1
-        try:
-            backoff = policy.backoff_initial * policy.backoff_multiplier**exponent
-        except OverflowError:
-            backoff = policy.backoff_max
-        return min(backoff, policy.backoff_max) + random.uniform(0, policy.jitter)
-
-
-class _StopBeforeDeadline(stop_base):
-    """Stop when the next attempt would start at or after `deadline` (a
-    `time.monotonic()` value): `stop_before_delay` counted from the first attempt,
-    which runs before tenacity starts its clock."""
-
-    def __init__(self, deadline: float) -> None:
-        self.deadline = deadline
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        return time.monotonic() + retry_state.upcoming_sleep >= self.deadline
-
-
-class _StopWhenRefused(stop_base):
-    """Stop retrying a provider whose circuit has just opened: fail fast, or fall back."""
-
-    def __init__(self, breaker: CircuitBreaker) -> None:
-        self.breaker = breaker
-
-    def __call__(self, retry_state: RetryCallState) -> bool:
-        return self.breaker.refuses()
-
-
-def _should_retry(policy: Policy) -> Callable[[Any], bool]:
-    def should(outcome: Any) -> bool:
-        return isinstance(outcome, Failure) and outcome.reason in policy.retry_on
-
-    return should
-
-
-def _last_outcome(retry_state: RetryCallState) -> Any:
-    # Called when tenacity stops (attempts or deadline): hand back the last
-    # Failure as the result rather than a RetryError.
-    assert retry_state.outcome is not None
-    return retry_state.outcome.result()
-
-
 # -- the plugin ---------------------------------------------------------------------
 
 
 class RetryPlugin:
     Settings = Settings
+    streamvisor_contract = "1.0"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.default_policy = settings.default_policy
+        self.default_policy = DEFAULT_POLICY.merge(settings)
         self.runtime: Any = None
         self.breakers: dict[str, CircuitBreaker] = {}
         self.retries: Counter | None = None
@@ -458,6 +400,11 @@ class RetryPlugin:
         self.circuit_state: Gauge | None = None
 
     # -- hooks ----------------------------------------------------------------
+
+    @hookimpl
+    def register_event_types(self, register: Callable[..., None]) -> None:
+        register("retry", "the provider call is retried before its first chunk (data: attempt, delay, model, provider, reason, error, error_type, status)")
+        register("fallback", "the call moves to a fallback model before its first chunk (data: from_model, from_provider, to_model, to_provider, reason, error, error_type, status)")
 
     @hookimpl
     def startup(self, runtime: Any) -> None:
@@ -480,8 +427,8 @@ class RetryPlugin:
             ["provider"],
             registry=runtime.metrics,
         )
-        for name in runtime.providers.providers:
-            self.breaker(name)
+        for provider in runtime.providers:
+            self.breaker(provider.name)
 
     @hookimpl
     def register_middleware(self, register: Callable[[Any], None]) -> None:
@@ -490,6 +437,10 @@ class RetryPlugin:
     @hookimpl
     def register_health_checks(self, register: Callable[..., None]) -> None:
         register("circuits", self.check_circuits)
+
+    @hookimpl
+    def register_status_panels(self, register: Callable[..., None]) -> None:
+        register("circuits", self.circuits)
 
     # -- state ------------------------------------------------------------------
 
@@ -502,18 +453,23 @@ class RetryPlugin:
         return breaker
 
     def policy(self, model: str, provider: str) -> Policy:
-        """The default, then the provider's table, then the model's: the most specific wins."""
+        """The plugin's policy, then the provider's table, then the model's: the most specific wins."""
         return self.default_policy.merge(self.settings.providers.get(provider)).merge(self.settings.models.get(model))
 
+    def circuits(self) -> dict[str, Any]:
+        return {name: breaker.describe() for name, breaker in sorted(self.breakers.items())}
+
     async def check_circuits(self) -> Health:
-        circuits = {name: breaker.describe() for name, breaker in sorted(self.breakers.items())}
+        circuits = self.circuits()
         open_ = [name for name, circuit in circuits.items() if not circuit["ready"]]
         return Health(not open_, {"open": open_, "circuits": circuits})
 
     # -- the middleware -------------------------------------------------------------
 
-    async def middleware(self, request: ChatRequest, call_next: Callable[[ChatRequest], AsyncIterator[Delta]]) -> AsyncIterator[Delta]:
-        opened = await self._open(request, call_next)
+    async def middleware(
+        self, request: ChatRequest, call_next: Callable[[ChatRequest], AsyncIterator[Delta]], session: Session
+    ) -> AsyncIterator[Delta]:
+        opened = await self._open(request, call_next, session)
         stream = opened.stream
         try:
             for delta in opened.head:
@@ -531,12 +487,8 @@ class RetryPlugin:
         finally:
             await _aclose(stream)
 
-    def _session(self, request: ChatRequest) -> Any:
-        return self.runtime.sessions.sessions.get(request.session_id) if self.runtime is not None else None
-
-    async def _open(self, request: ChatRequest, call_next: Callable[[ChatRequest], AsyncIterator[Delta]]) -> Opened:
+    async def _open(self, request: ChatRequest, call_next: Callable[[ChatRequest], AsyncIterator[Delta]], session: Session) -> Opened:
         """Reach a first visible delta: the model with its retries, then each fallback."""
-        session = self._session(request)
         chain = [request.model, *self.settings.fallbacks.get(request.model, ())]
         last: Failure | None = None
         for index, model in enumerate(chain):
@@ -552,8 +504,8 @@ class RetryPlugin:
             attempt_request = request if index == 0 else attrs.evolve(request, model=model)
             outcome = await self._with_retries(attempt_request, call_next, model, provider, session)
             if isinstance(outcome, Opened):
-                if index > 0 and session is not None:
-                    session.headers["X-Fallback-Model"] = model
+                if index > 0:
+                    session.set_header("X-Fallback-Model", model)
                 return outcome
             if outcome.reason not in FALLBACK_REASONS:
                 raise outcome.error
@@ -562,36 +514,29 @@ class RetryPlugin:
         raise last.error
 
     async def _with_retries(
-        self, request: ChatRequest, call_next: Callable[[ChatRequest], AsyncIterator[Delta]], model: str, provider: str, session: Any
+        self, request: ChatRequest, call_next: Callable[[ChatRequest], AsyncIterator[Delta]], model: str, provider: str, session: Session
     ) -> Opened | Failure:
+        """Attempt until one reaches its first delta, or the policy says stop:
+        a failure it does not retry, no attempts left, the circuit opened, or
+        the next attempt would start past the deadline."""
         policy = self.policy(model, provider)
+        assert policy.attempts is not None and policy.deadline is not None and policy.retry_on is not None
         breaker = self.breaker(provider)
         deadline = time.monotonic() + policy.deadline
-        # The first attempt is what nearly every request takes, and it needs none
-        # of tenacity's machinery (about a tenth of the plugin stack's cost per
-        # request): tenacity is set up only once an attempt failed in a way worth
-        # retrying, and gets that failure as its own first attempt's outcome.
-        first = await self._attempt(request, call_next, model, provider, breaker)
-        should_retry = _should_retry(policy)
-        if policy.attempts == 1 or not should_retry(first):
-            return first
-        pending = [first]
-
-        async def attempt(*args: Any) -> Opened | Failure:
-            return pending.pop() if pending else await self._attempt(*args)
-
-        def announce(retry_state: RetryCallState) -> None:
-            self._announce_retry(session, retry_state)
-
-        retrying = AsyncRetrying(
-            sleep=trio.sleep,
-            stop=stop_after_attempt(policy.attempts) | _StopBeforeDeadline(deadline) | _StopWhenRefused(breaker),
-            wait=_Backoff(policy),
-            retry=retry_if_result(should_retry),
-            before_sleep=announce,
-            retry_error_callback=_last_outcome,
-        )
-        return await retrying(attempt, request, call_next, model, provider, breaker)
+        attempt = 1
+        while True:
+            outcome = await self._attempt(request, call_next, model, provider, breaker)
+            if isinstance(outcome, Opened) or outcome.reason not in policy.retry_on:
+                return outcome
+            if attempt >= policy.attempts or breaker.refuses():
+                return outcome
+            retry_after = outcome.retry_after
+            delay = retry_after if retry_after is not None else policy.backoff(attempt)
+            if time.monotonic() + delay >= deadline:
+                return outcome
+            attempt += 1
+            self._announce_retry(session, outcome, attempt, delay)
+            await trio.sleep(delay)
 
     async def _attempt(
         self,
@@ -636,33 +581,25 @@ class RetryPlugin:
 
     # -- events and metrics -----------------------------------------------------------
 
-    def _announce_retry(self, session: Any, retry_state: RetryCallState) -> None:
-        assert retry_state.outcome is not None
-        failure: Failure = retry_state.outcome.result()
-        delay = round(retry_state.upcoming_sleep, 3)
-        attempt = retry_state.attempt_number + 1
+    def _announce_retry(self, session: Session, failure: Failure, attempt: int, delay: float) -> None:
+        delay = round(delay, 3)
         if self.retries is not None:
             self.retries.labels(failure.reason, failure.provider).inc()
         log.info(
             "retrying %s on %s (attempt %d) in %.3f s after %s: %s",
             failure.model, failure.provider, attempt, delay, failure.reason, failure.event_data()["error"],
         )
-        if session is not None:
-            self.runtime.events.emit(
-                "retry", session, attempt=attempt, delay=delay, model=failure.model, provider=failure.provider, **failure.event_data()
-            )
+        session.emit("retry", attempt=attempt, delay=delay, model=failure.model, provider=failure.provider, **failure.event_data())
 
-    def _announce_fallback(self, session: Any, failure: Failure, to_model: str, to_provider: str) -> None:
+    def _announce_fallback(self, session: Session, failure: Failure, to_model: str, to_provider: str) -> None:
         if self.fallbacks is not None:
             self.fallbacks.labels(failure.reason).inc()
         log.info("falling back from %s to %s after %s", failure.model, to_model, failure.reason)
-        if session is not None:
-            self.runtime.events.emit(
-                "fallback",
-                session,
-                from_model=failure.model,
-                from_provider=failure.provider,
-                to_model=to_model,
-                to_provider=to_provider,
-                **failure.event_data(),
-            )
+        session.emit(
+            "fallback",
+            from_model=failure.model,
+            from_provider=failure.provider,
+            to_model=to_model,
+            to_provider=to_provider,
+            **failure.event_data(),
+        )

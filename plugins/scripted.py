@@ -14,10 +14,7 @@ from typing import AsyncIterator
 import attrs
 import trio
 
-from streamvisor.core.chat import ChatRequest, Delta, Usage, message_text
-from streamvisor.core.errors import UpstreamError
-from streamvisor.core.providers import ModelInfo
-from streamvisor.hooks import hookimpl
+from streamvisor.hooks import ChatRequest, Delta, ModelInfo, UpstreamError, Usage, hookimpl, message_text
 
 _WORDS = re.compile(r"\s*\S+")
 
@@ -100,6 +97,7 @@ class ScriptedProvider:
 
 class ScriptedPlugin:
     Settings = Settings
+    streamvisor_contract = "1.0"
 
     def __init__(self, settings: Settings) -> None:
         self.provider = ScriptedProvider(settings.models)

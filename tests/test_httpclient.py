@@ -15,7 +15,7 @@ import trustme
 from streamvisor.core import httpclient
 from streamvisor.core.httpclient import HTTPClient
 
-from .fakes import closed_port
+from streamvisor.testing import closed_port
 
 Handler = Callable[[trio.abc.Stream, "Server"], Awaitable[None]]
 

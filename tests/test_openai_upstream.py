@@ -13,7 +13,7 @@ import openai
 import pytest
 
 from .conftest import SCRIPTED, start_server
-from .fakes import FakeUpstream, closed_port
+from streamvisor.testing import FakeUpstream, closed_port
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_models_are_discovered_and_completions_relayed(upstream):
         chunks = list(stream)
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "über alles"
         assert chunks[-1].usage.completion_tokens == 2
-        session = gateway.call(lambda: list(gateway.runtime.sessions.sessions.values())[-1])
+        session = gateway.call(lambda: list(gateway.runtime.sessions)[-1])
         assert session.usage.exact  # the upstream's own counts
 
 
@@ -72,7 +72,7 @@ def test_client_disconnect_closes_the_upstream_request(upstream):
         data = b""
         while data.count(b"data: ") < 3:
             data += sock.recv(65536)
-        live_upstream = upstream.call(lambda: [s.id for s in upstream.runtime.sessions.sessions.values() if not s.finished])
+        live_upstream = upstream.call(lambda: [s.id for s in upstream.runtime.sessions.live()])
         assert len(live_upstream) == 1
         (upstream_id,) = live_upstream
         sock.close()
@@ -80,8 +80,8 @@ def test_client_disconnect_closes_the_upstream_request(upstream):
         upstream.wait_for(lambda: upstream.runtime.sessions.get(upstream_id).finished, timeout=3)
         upstream_session = upstream.call(lambda: upstream.runtime.sessions.get(upstream_id))
         assert upstream_session.state == "disconnected"  # the upstream saw its connection close
-        assert upstream_session.finished_at - closed < 1.0
-        gateway_sessions = gateway.call(lambda: [(s.state, s.usage.completion_tokens) for s in gateway.runtime.sessions.sessions.values()])
+        assert upstream_session.finished_mono - closed < 1.0
+        gateway_sessions = gateway.call(lambda: [(s.state, s.usage.completion_tokens) for s in gateway.runtime.sessions])
         assert gateway_sessions[0][0] == "disconnected" and gateway_sessions[0][1] >= 2
 
 
@@ -96,7 +96,7 @@ def test_stop_closes_the_upstream_request(upstream):
                 httpx.post(f"{gateway.base}/sessions/{raw.headers['X-Session-ID']}/stop")
             finishes.append(chunk.choices[0].finish_reason)
         assert finishes[-1] == "stopped"
-        upstream.wait_for(lambda: all(s.finished for s in upstream.runtime.sessions.sessions.values()), timeout=3)
+        upstream.wait_for(lambda: upstream.runtime.sessions.live_count == 0, timeout=3)
 
 
 # -- failure modes, from a stdlib server ---------------------------------------------

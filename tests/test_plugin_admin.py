@@ -1,6 +1,6 @@
-"""The admin plugin against real servers: the admin key, session status and
-cleanup, plugin error counts, liveness and readiness (unreachable upstreams,
-memory watermark, other plugins' checks), and the watchdog."""
+"""The admin plugin against real servers: the admin key, the status page with
+every plugin's panels, session status and cleanup, plugin error and fault
+counts, and the watchdog. (Liveness and readiness: test_plugin_health.py.)"""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from streamvisor.config import ConfigError
 from streamvisor.hooks import PluginHost, hookimpl
 
 from .conftest import SCRIPTED, make_config, start_server
-from .fakes import closed_port
 
 KEY = "test-admin-key"
 ADMIN_ROUTES = [
@@ -59,20 +58,38 @@ def _finish_reasons(chunks):
     return [c["choices"][0]["finish_reason"] for c in chunks if c.get("choices") and c["choices"][0]["finish_reason"]]
 
 
+def _service(runtime, plugin, name):
+    """A service's supervisor stats (call it in the server's loop)."""
+    return next(p for p in runtime.plugin_status() if p["name"] == plugin)["services"][name]
+
+
 def _listener_errors(server, plugin="raiser"):
     return next(s.errors for s in server.runtime.events.stats if s.plugin == plugin)
 
 
-class FakeUsage:
-    """Stands in for the usage plugin: what /admin/status reads is its totals()."""
+class Panels:
+    """A third party's status panels: one async, one sync, one that raises and
+    one that hangs."""
 
     @hookimpl
-    def startup(self, runtime):
-        pass
+    def register_status_panels(self, register):
+        async def totals():
+            await trio.sleep(0)
+            return {"sessions": 3, "total_tokens": 42}
 
-    async def totals(self):
-        await trio.sleep(0)
-        return {"sessions": 3, "total_tokens": 42}
+        def queue():
+            return {"backlog": 0}
+
+        def broken():
+            raise ValueError("panel bug")
+
+        async def hanging():
+            await trio.sleep_forever()
+
+        register("totals", totals)
+        register("queue", queue)
+        register("broken", broken)
+        register("hanging", hanging)
 
 
 class Raiser:
@@ -98,30 +115,11 @@ class Crasher:
         register("flaky", flaky)
 
 
-class Checks:
-    """Another plugin's readiness checks: one passes, one raises, one hangs."""
-
-    @hookimpl
-    def register_health_checks(self, register):
-        async def fine():
-            return True
-
-        async def broken():
-            raise ConnectionError("backend gone")
-
-        async def hanging():
-            await trio.sleep_forever()
-
-        register("fine", fine)
-        register("broken", broken)
-        register("hanging", hanging)
-
-
 def test_admin_routes_need_the_key_and_are_disabled_without_one(monkeypatch, caplog):
     monkeypatch.delenv("STREAMVISOR_ADMIN_KEY", raising=False)
     caplog.set_level(logging.INFO, logger="streamvisor.plugins.admin")
-    toml = SCRIPTED + "\n[plugins.usage]\n[plugins.admin]\n"
-    with start_server(toml, plugins={"usage": FakeUsage()}) as server:
+    toml = SCRIPTED + "\n[plugins.panels]\n[plugins.usage]\n[plugins.admin]\npanel_timeout_seconds = 0.3\n"
+    with start_server(toml, plugins={"panels": Panels()}) as server:
         assert any(
             r.levelno == logging.WARNING and "disabled" in r.getMessage() and "STREAMVISOR_ADMIN_KEY" in r.getMessage()
             for r in caplog.records
@@ -141,12 +139,31 @@ def test_admin_routes_need_the_key_and_are_disabled_without_one(monkeypatch, cap
             assert wrong.status_code == 401, path
             assert http.request(method, path, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200, path
 
+        server.openai().chat.completions.create(model="fox", messages=[{"role": "user", "content": "go"}])
+        server.wait_for(lambda: server.runtime.sessions.retained_count == 1)
+        t0 = time.monotonic()
         status = _admin(server).get("/admin/status").json()
+        elapsed = time.monotonic() - t0
+        plugins = {p["name"]: p for p in _admin(server).get("/admin/plugins").json()["plugins"]}
     assert status["uptime_seconds"] >= 0
-    assert status["sessions"] == {"live": 0, "retained": 0}
-    assert {p["name"] for p in status["providers"]} == {"scripted"}
+    assert status["sessions"] == {"live": 0, "retained": 1}
+    assert status["providers"] == [{"name": "scripted", "models": ["fox", "slow", "echo", "broken", "breaks-midway"]}]
     assert "fox" in status["models"] and "slow" in status["models"]
-    assert status["usage"] == {"sessions": 3, "total_tokens": 42}
+    panels = status["panels"]
+    # A third party's panels, shown without admin knowing them; the usage
+    # plugin's totals the same way.
+    assert panels["panels"]["totals"] == {"sessions": 3, "total_tokens": 42}
+    assert panels["panels"]["queue"] == {"backlog": 0}
+    assert panels["panels"]["broken"] == {"error": "ValueError: panel bug"}
+    assert panels["panels"]["hanging"] == {"error": "no answer within 0.3 s"}
+    assert elapsed < 5, "panels are gathered at once, each under its timeout"
+    assert panels["usage"]["totals"]["totals"]["sessions"] == 1
+    assert panels["usage"]["totals"]["totals"]["completion_tokens"] == 9
+    # The panels that failed are faults of their plugin: two on each of the
+    # two status pages asked for.
+    faults = plugins["panels"]["faults"]
+    assert faults["status panel"]["count"] == 4
+    assert plugins["panels"]["errors"]["faults"] == 4
 
 
 def test_sessions_status_lists_a_running_session_with_model_and_usage(monkeypatch):
@@ -169,7 +186,7 @@ def test_sessions_status_lists_a_running_session_with_model_and_usage(monkeypatc
         assert status["counts"]["live"] == 1 and status["counts"]["listed"] == 1
         assert status["counts"]["truncated"] is False
         # The client went away: the session ends and is no longer listed as live.
-        server.wait_for(lambda: server.runtime.sessions.live == 0)
+        server.wait_for(lambda: server.runtime.sessions.live_count == 0)
         after = _admin(server).get("/admin/sessions/status").json()
     assert after["sessions"] == []
     assert after["counts"]["by_state"] == {"disconnected": 1}
@@ -215,7 +232,7 @@ def test_cleanup_cancels_idle_sessions_keeps_their_usage_and_removes_finished_on
 
         # The next cleanup removes what the first one stopped (and the busy
         # stream, which ended when its client left).
-        server.wait_for(lambda: server.runtime.sessions.live == 0)
+        server.wait_for(lambda: server.runtime.sessions.live_count == 0)
         again = admin.post("/admin/sessions/cleanup").json()
         assert {s["id"] for s in again["removed"]} == {stalled_id, busy_id}
         assert again["cancelled"] == []
@@ -229,7 +246,7 @@ def test_admin_plugins_lists_versions_hooks_and_error_counts(monkeypatch):
     toml = SCRIPTED + "\n[plugins.admin]\n[plugins.raiser]\n[plugins.crasher]\n"
     with start_server(toml, plugins={"raiser": Raiser(), "crasher": crasher}) as server:
         admin, client = _admin(server), server.openai()
-        server.wait_for(lambda: server.runtime.supervisor.children["crasher:flaky"].starts == 2)
+        server.wait_for(lambda: _service(server.runtime, "crasher", "flaky")["starts"] == 2)
 
         def raiser_errors():
             plugins = {p["name"]: p for p in admin.get("/admin/plugins").json()["plugins"]}
@@ -245,116 +262,22 @@ def test_admin_plugins_lists_versions_hooks_and_error_counts(monkeypatch):
 
     assert list(plugins) == ["scripted", "admin", "raiser", "crasher"]
     admin_plugin = plugins["admin"]
-    assert admin_plugin["origin"] == "built-in" and admin_plugin["version"]
-    assert {"register_routes", "register_services", "register_health_checks", "startup"} <= set(admin_plugin["hooks"])
+    assert admin_plugin["origin"] == "built-in" and admin_plugin["version"] and admin_plugin["contract"] == "1.0"
+    assert {"register_routes", "register_services", "startup"} <= set(admin_plugin["hooks"])
     assert admin_plugin["services"]["watchdog"]["running"] is True
     assert admin_plugin["errors"]["total"] == 0
     assert plugins["scripted"]["hooks"] == ["register_providers"]
     assert plugins["raiser"]["origin"] == "registered" and plugins["raiser"]["hooks"] == ["on_event"]
+    assert plugins["raiser"]["contract"] is None  # it does not say which contract it was written for
+    assert plugins["raiser"]["services"]["listener"]["running"] is True
     assert before >= 13 and after >= before + 13, "listener errors go up with every event"
     assert plugins["raiser"]["errors"]["total"] >= before
     flaky = plugins["crasher"]["services"]["flaky"]
     assert flaky["crashes"] == 1 and flaky["running"] is True
     assert flaky["last_error"] == "RuntimeError: flaky service broke"
     assert plugins["crasher"]["errors"]["service_crashes"] == 1
-    # Without the usage plugin, the status says so instead of failing.
-    assert status["usage"] is None and "not enabled" in status["usage_note"]
-
-
-def test_readiness_names_an_unreachable_upstream_and_health_needs_no_key(monkeypatch):
-    monkeypatch.setenv("STREAMVISOR_ADMIN_KEY", KEY)
-    toml = SCRIPTED + f"""
-[plugins.openai]
-[[plugins.openai.upstreams]]
-name = "dead"
-base_url = "http://127.0.0.1:{closed_port()}/v1"
-models = ["ghost"]
-connect_timeout = 1
-
-[plugins.admin]
-probe_timeout_seconds = 3
-check_timeout_seconds = 4
-"""
-    with start_server(toml) as server:
-        http = server.http()
-        live = http.get("/health")
-        ready = http.get("/health/ready")
-        # The unreachable upstream does not stop the others from serving.
-        assert server.openai().chat.completions.create(model="fox", messages=[{"role": "user", "content": "go"}])
-        metrics = server.call(lambda: generate_latest(server.runtime.metrics)).decode()
-    assert 'streamvisor_watchdog_upstream_reachable{provider="dead"} 0.0' in metrics
-    assert 'streamvisor_watchdog_upstream_reachable{provider="scripted"} 1.0' in metrics
-    assert live.status_code == 200 and live.json() == {"status": "ok"}
-    assert ready.status_code == 503
-    body = ready.json()
-    assert body["status"] == "not_ready"
-    checks = {c["name"]: c for c in body["checks"]}
-    assert checks["admin:providers"]["ok"] is False
-    providers = checks["admin:providers"]["detail"]["providers"]
-    assert providers["dead"]["ok"] is False and providers["dead"]["method"] == "GET models"
-    assert providers["scripted"]["ok"] is True
-    assert checks["admin:memory"]["ok"] is True
-    assert len(body["reasons"]) == 1
-    assert "'dead'" in body["reasons"][0] and "ConnectError" in body["reasons"][0]
-
-
-def test_readiness_is_200_when_every_upstream_answers_and_503_when_one_goes_away(monkeypatch):
-    monkeypatch.setenv("STREAMVISOR_ADMIN_KEY", KEY)
-    with start_server(SCRIPTED, shutdown_grace_seconds=0.5) as upstream:
-        toml = f"""
-[plugins.openai]
-[[plugins.openai.upstreams]]
-name = "peer"
-base_url = "{upstream.base}"
-models = ["fox"]
-connect_timeout = 1
-
-[plugins.admin]
-interval_seconds = 0.1
-probe_timeout_seconds = 2
-"""
-        with start_server(toml) as server:
-            http = server.http()
-            ready = http.get("/health/ready")
-            assert ready.status_code == 200, ready.text
-            body = ready.json()
-            assert body["status"] == "ready" and body["reasons"] == []
-            peer = next(c for c in body["checks"] if c["name"] == "admin:providers")["detail"]["providers"]["peer"]
-            assert peer["ok"] is True and peer["method"] == "GET models" and peer["detail"] == "answered 200"
-            status = _admin(server).get("/admin/status").json()
-            assert status["providers"][0]["name"] == "peer" and status["providers"][0]["probe"]["ok"] is True
-
-            upstream.stop()
-            # The watchdog probes every 0.1 s; readiness follows within a few probes.
-            deadline = time.monotonic() + 10
-            while (ready := http.get("/health/ready")).status_code == 200 and time.monotonic() < deadline:
-                time.sleep(0.05)
-    assert ready.status_code == 503
-    assert "'peer'" in ready.json()["reasons"][0]
-
-
-def test_memory_watermark_and_other_plugins_checks_decide_readiness():
-    toml = SCRIPTED + """
-[plugins.checks]
-[plugins.admin]
-memory_watermark_mb = 1
-check_timeout_seconds = 0.3
-"""
-    with start_server(toml, plugins={"checks": Checks()}) as server:
-        t0 = time.monotonic()
-        ready = server.http().get("/health/ready")
-        elapsed = time.monotonic() - t0
-    assert ready.status_code == 503
-    checks = {c["name"]: c for c in ready.json()["checks"]}
-    assert checks["checks:fine"]["ok"] is True
-    assert checks["checks:broken"] == {**checks["checks:broken"], "ok": False, "detail": "raised ConnectionError: backend gone"}
-    assert checks["checks:hanging"]["ok"] is False and "did not answer within 0.3 s" in checks["checks:hanging"]["detail"]
-    assert checks["admin:memory"]["ok"] is False and checks["admin:memory"]["detail"]["rss_mb"] > 1
-    assert checks["admin:providers"]["ok"] is True
-    reasons = ready.json()["reasons"]
-    assert len(reasons) == 3
-    assert any(r.startswith("admin:memory: memory: RSS") and "watermark of 1 MiB" in r for r in reasons)
-    assert elapsed < 10, "checks run under their timeout, all at once"
+    # Without any panel, the status page has none.
+    assert status["panels"] == {}
 
 
 def test_watchdog_stops_sessions_older_than_max_session_seconds(caplog):
@@ -365,15 +288,15 @@ interval_seconds = 0.05
 max_session_seconds = 0.5
 """
     with start_server(toml) as server:
-        watchdog = server.call(lambda: server.runtime.supervisor.children["admin:watchdog"])
-        assert watchdog.running and watchdog.starts == 1 and watchdog.crashes == 0
+        watchdog = server.call(lambda: _service(server.runtime, "admin", "watchdog"))
+        assert watchdog["running"] and watchdog["starts"] == 1 and watchdog["crashes"] == 0
         t0 = time.monotonic()
         with server.http().stream("POST", "/v1/chat/completions", json=_chat("slow")) as response:
             session_id = response.headers["X-Session-ID"]
             chunks = list(_events(response.iter_lines()))  # slow would stream for 200 s
         elapsed = time.monotonic() - t0
         state = server.http().get(f"/v1/sessions/{session_id}").json()
-        assert server.call(lambda: server.runtime.supervisor.children["admin:watchdog"].running)
+        assert server.call(lambda: _service(server.runtime, "admin", "watchdog"))["running"]
         metrics = server.call(lambda: generate_latest(server.runtime.metrics)).decode()
     assert 'streamvisor_admin_ended_sessions_total{reason="stale"} 1.0' in metrics
     assert _finish_reasons(chunks) == ["stopped"]
@@ -385,7 +308,7 @@ max_session_seconds = 0.5
 
 @pytest.mark.parametrize(
     "setting",
-    ["interval_seconds = 0", "max_session_seconds = -1", "memory_watermark_mb = -5", "check_timeout_seconds = 'soon'"],
+    ["interval_seconds = 0", "max_session_seconds = -1", "panel_timeout_seconds = -5", "idle_seconds = 'soon'"],
 )
 def test_bad_settings_stop_start_up(setting):
     with pytest.raises(ConfigError) as caught:

@@ -21,7 +21,7 @@ from streamvisor.core.providers import ModelInfo
 from streamvisor.hooks import hookimpl
 
 from .conftest import CI, start_server
-from .fakes import closed_port
+from streamvisor.testing import closed_port
 
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 ADMIN_KEY = "cache-test-admin-key"
@@ -122,7 +122,7 @@ def status(server):
 
 
 def provider_calls(server, model):
-    return server.call(lambda: server.runtime.providers.providers["scripted"].requests[model])
+    return server.call(lambda: server.runtime.providers.get("scripted").requests[model])
 
 
 def metric(server, name, labels=None):
@@ -380,7 +380,7 @@ def test_failed_stopped_disconnected_and_oversized_answers_are_not_stored(monkey
                 seen += line.startswith("data: ")
                 if seen == 2:
                     break
-        server.wait_for(lambda: server.runtime.sessions.live == 0)
+        server.wait_for(lambda: server.runtime.sessions.live_count == 0)
         with http.stream("POST", "/v1/chat/completions", json=body) as response:
             assert response.headers["X-Cache"] == "miss"
 
@@ -392,7 +392,7 @@ def test_failed_stopped_disconnected_and_oversized_answers_are_not_stored(monkey
         assert chat(server, "echo", "short")[0]["X-Cache"] == "miss"
         assert chat(server, "echo", "short")[0]["X-Cache"] == "hit"
 
-        server.wait_for(lambda: server.runtime.sessions.live == 0)
+        server.wait_for(lambda: server.runtime.sessions.live_count == 0)
         body = status(server)
         assert body["entries"] == 1 and body["stores"] == 1
 

@@ -98,15 +98,16 @@ def test_events_follow_the_session_life_cycle():
     assert types[:3] == ["created", "started", "first_token"]
     assert types.count("chunk") == 10  # nine words and the finish chunk
     assert types[-1] == "completed"
-    assert completed[-1].data["usage"]["completion_tokens"] == 9
+    assert completed[-1].usage.completion_tokens == 9 and completed[-1].usage.exact
+    assert completed[-1].outcome.finish_reason == "stop" and completed[-1].outcome.chunks == 10
     assert completed[-1].model == "fox" and completed[-1].provider == "scripted"
     assert completed[0].request_id
     assert [e.type for e in failed] == ["created", "started", "failed"]
-    assert "scripted failure" in failed[-1].data["error"]
+    assert "scripted failure" in failed[-1].outcome.error and failed[-1].outcome.error_code == "upstream_error"
 
 
 def _tag(tag):
-    async def middleware(request, call_next):
+    async def middleware(request, call_next, session):
         yield Delta(content=f"<{tag}>")
         async for delta in call_next(request):
             if delta.finish_reason:
@@ -132,12 +133,12 @@ class AsyncShouter:
     async def register_chunk_transformers(self, register):
         await trio.sleep(0)
 
-        def shout(delta, session):
+        def shout(delta):
             if delta.content and "fox" in delta.content:
                 return None  # dropped
             return attrs.evolve(delta, content=delta.content.upper()) if delta.content else delta
 
-        register(shout)
+        register(lambda session: shout)
 
 
 def test_middleware_composes_in_plugins_toml_order_and_transformers_apply():
@@ -155,11 +156,11 @@ class Lifecycle:
     @hookimpl
     async def startup(self, runtime):
         await trio.sleep(0)
-        self.calls.append(("startup", sorted(runtime.providers.providers)))
+        self.calls.append(("startup", sorted(p.name for p in runtime.providers)))
 
     @hookimpl
     def shutdown(self, runtime):
-        self.calls.append(("shutdown", runtime.sessions.live))
+        self.calls.append(("shutdown", runtime.sessions.live_count))
 
 
 def test_lifecycle_hooks_run_once_each_sync_or_async():
@@ -216,7 +217,7 @@ class Fallback:
 
     @hookimpl
     def register_middleware(self, register):
-        async def fallback(request, call_next):
+        async def fallback(request, call_next, session):
             try:
                 async for delta in call_next(request):
                     yield delta

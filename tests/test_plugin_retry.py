@@ -22,7 +22,7 @@ from streamvisor.hooks import PluginHost, hookimpl
 from streamvisor.plugins.retry import CircuitBreaker, CircuitSettings
 
 from .conftest import make_config, start_server
-from .fakes import FakeUpstream
+from streamvisor.testing import FakeUpstream
 
 TEXT = "The quick brown fox jumps over the lazy dog."
 
@@ -73,7 +73,7 @@ def _finished(server, probe, session_id):
 
 
 def _calls(server, model):
-    return server.call(lambda: server.runtime.providers.providers["scripted"].requests[model])
+    return server.call(lambda: server.runtime.providers.get("scripted").requests[model])
 
 
 def _metric(server, name, **labels):
@@ -210,7 +210,7 @@ def test_a_failure_after_the_first_chunk_is_not_retried(failures):
     assert _calls(server, "breaks-midway") == 1  # attempts = 3, yet called once
     events = _finished(server, probe, raw.headers["X-Session-ID"])
     assert not [e for e in events if e.type in ("retry", "fallback")]
-    assert events[-1].type == "failed" and events[-1].data["usage"]["completion_tokens"] == 3
+    assert events[-1].type == "failed" and events[-1].usage.completion_tokens == 3
 
 
 def test_a_refused_request_is_not_retried(failures):
@@ -259,7 +259,7 @@ def test_a_client_that_leaves_during_the_wait_cancels_the_retry(fake):
     with start_server(FAST + _upstream(fake)) as server:
         with pytest.raises(httpx.ReadTimeout), server.http(timeout=0.3) as http:
             http.post("/v1/chat/completions", json={"model": "m1", "messages": [{"role": "user", "content": "go"}]})
-        sessions = lambda: [s.state for s in server.runtime.sessions.sessions.values()]  # noqa: E731
+        sessions = lambda: [s.state for s in server.runtime.sessions]  # noqa: E731
         server.wait_for(lambda: sessions() == ["disconnected"], timeout=0.5)  # not after the 1 s wait
         time.sleep(1.0)
         assert fake.posts == 1  # the retry never happened

@@ -114,7 +114,7 @@ def test_disconnect_cancels_the_session_promptly_and_keeps_partial_usage(server)
     session = server.call(lambda: runtime.sessions.get(session_id))
     # The slow model would stream for 200 s; the session ended right after the
     # close (the benchmark measures the latency; here it only has to be prompt).
-    assert session.finished_at - closed < 1.0
+    assert session.finished_mono - closed < 1.0
     assert session.state == "disconnected"
     assert session.usage.completion_tokens >= 2
     assert session.usage.exact
@@ -134,9 +134,9 @@ def test_nothing_is_left_behind_after_retention(server):
         sock.close()
         sessions.append(session_id)
     refs = server.call(lambda: [weakref.ref(runtime.sessions.get(s)) for s in sessions])
-    server.wait_for(lambda: all(s not in runtime.sessions.sessions for s in sessions), timeout=5)
+    server.wait_for(lambda: all(runtime.sessions.find(s) is None for s in sessions), timeout=5)
     assert server.call(lambda: [n for n in runtime.task_names() if n.startswith("session:")]) == []
-    assert server.call(lambda: runtime.sessions.live) == 0
+    assert server.call(lambda: runtime.sessions.live_count) == 0
     server.call(gc.collect)
     assert [r() for r in refs] == [None, None, None], "a finished session's buffer is still referenced"
     for session_id in sessions:
@@ -156,10 +156,10 @@ first_delay = 30
         sock = socket.create_connection((host, int(port)))
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         runtime = server.runtime
-        server.wait_for(lambda: runtime.sessions.live == 1)
+        server.wait_for(lambda: runtime.sessions.live_count == 1)
         sock.close()
-        server.wait_for(lambda: runtime.sessions.live == 0, timeout=2)
-        states = server.call(lambda: [s.state for s in runtime.sessions.sessions.values()])
+        server.wait_for(lambda: runtime.sessions.live_count == 0, timeout=2)
+        states = server.call(lambda: [s.state for s in runtime.sessions])
         assert states == ["disconnected"]
 
 
@@ -172,5 +172,5 @@ def test_retention_is_bounded_by_count_as_well_as_time():
             client.chat.completions.with_raw_response.create(model="fox", messages=[{"role": "user", "content": "x"}]).headers["X-Session-ID"]
             for _ in range(5)
         ]
-        kept = server.call(lambda: sorted(server.runtime.sessions.sessions))
+        kept = server.call(lambda: sorted(s.id for s in server.runtime.sessions))
     assert kept == sorted(ids[-3:])

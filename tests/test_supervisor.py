@@ -124,8 +124,8 @@ def test_a_crashing_service_is_restarted_and_the_server_keeps_serving():
 """
     with start_server(toml, plugins={"crashy": plugin}) as server:
         server.wait_for(lambda: plugin.runs >= 3)
-        stats = server.call(lambda: server.runtime.supervisor.children["crashy:heartbeat"])
-        assert stats.crashes == 2 and stats.running
+        stats = server.call(lambda: next(p for p in server.runtime.plugin_status() if p["name"] == "crashy")["services"]["heartbeat"])
+        assert stats["crashes"] == 2 and stats["running"]
         reply = server.openai().chat.completions.create(model="scripted", messages=[{"role": "user", "content": "x"}])
         assert reply.choices[0].message.content
 

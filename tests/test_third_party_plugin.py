@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from streamvisor.config import ConfigError, load_config
+from streamvisor.hooks import CONTRACT_VERSION
 
 from .conftest import ServerThread, start_server
 
@@ -118,8 +119,10 @@ def test_the_plugins_command_lists_it_with_its_version_and_hooks(tmp_path):
     config.write_text(EXAMPLE)
     result = streamvisor("plugins", "-c", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    rows = {line.split()[0]: line.split(None, 3) for line in result.stdout.splitlines()[1:]}
-    assert rows["example"] == ["example", "0.2.0", "streamvisor-example-plugin", "register_providers, register_routes"]
+    lines = result.stdout.splitlines()
+    assert lines[-1] == f"this streamvisor implements plugin contract {CONTRACT_VERSION}"
+    rows = {line.split()[0]: line.split(None, 4) for line in lines[1:-1]}
+    assert rows["example"] == ["example", "0.2.0", "streamvisor-example-plugin", "1.0", "register_providers, register_routes"]
 
 
 # -- a wrong setting stops start-up, naming where and what ----------------------------
@@ -156,7 +159,7 @@ def test_installed_but_not_enabled_serves_nothing(example_table):
         with pytest.raises(openai.NotFoundError):
             server.openai().chat.completions.create(model="example-reverse", messages=[{"role": "user", "content": "x"}])
         assert http.get("/example/hello").status_code == 404
-        assert "example" not in server.runtime.plugins.plugins
+        assert "example" not in [p["name"] for p in server.runtime.plugin_status()]
 
 
 @pytest.mark.parametrize(
@@ -169,7 +172,7 @@ def test_the_plugins_command_does_not_load_it_unless_enabled(tmp_path, example_t
     config.write_text(SCRIPTED + example_table)
     result = streamvisor("plugins", "-c", str(config), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    names = [line.split()[0] for line in result.stdout.splitlines()[1:] if not line.startswith("disabled")]
+    names = [line.split()[0] for line in result.stdout.splitlines()[1:] if not line.startswith(("disabled", "this streamvisor"))]
     assert names == ["scripted"]
     if disabled_line:
         assert disabled_line.format(config=config) in result.stdout.splitlines()

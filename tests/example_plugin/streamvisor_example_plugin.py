@@ -73,6 +73,7 @@ class ExamplePlugin:
     """Constructed by streamvisor with the validated `[plugins.example]` table."""
 
     Settings = Settings
+    streamvisor_contract = "1.0"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
