@@ -1,9 +1,9 @@
-"""The `streamvisor` command: serve, chat, plugins.
+"""The `streamvisor` command: serve, chat, plugins, new-plugin.
 
 `serve` reads plugins.toml (or builds a config from `--upstream`), starts the
 runtime and serves the API with hypercorn's trio worker until SIGINT/SIGTERM.
 `chat` runs a completion in-process (or against `--url`) and streams it to the
-terminal. `plugins` lists what plugins.toml loads.
+terminal. `plugins` lists what plugins.toml loads. `new-plugin` writes a plugin package.
 """
 
 from __future__ import annotations
@@ -264,6 +264,26 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- new-plugin ------------------------------------------------------------------
+
+
+def cmd_new_plugin(args: argparse.Namespace) -> int:
+    from .scaffold import ScaffoldError, new_plugin
+
+    try:
+        folder = new_plugin(args.name, Path(args.dir))
+    except ScaffoldError as exc:
+        print(f"streamvisor: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {folder}/: pyproject.toml, {', '.join(sorted(p.name for p in folder.glob('*.py')))}, README.md, tests/")
+    print("next:")
+    print(f"  cd {folder}")
+    print("  pip install -e '.[test]'    # where streamvisor is installed")
+    print("  pytest")
+    print(f"then enable it with a [plugins.{args.name}] table in plugins.toml")
+    return 0
+
+
 # -- entry point -----------------------------------------------------------------
 
 
@@ -297,6 +317,11 @@ def parser() -> argparse.ArgumentParser:
     plugins_p = commands.add_parser("plugins", help="list the plugins plugins.toml loads")
     with_config(plugins_p)
     plugins_p.set_defaults(run=cmd_plugins)
+
+    new_p = commands.add_parser("new-plugin", help="write a ready third-party plugin package to start from")
+    new_p.add_argument("name", help="the plugin's name in plugins.toml (lower case; the package is streamvisor-NAME)")
+    new_p.add_argument("--dir", default=".", help="where to write the package folder (default: here)")
+    new_p.set_defaults(run=cmd_new_plugin)
     return top
 
 

@@ -84,6 +84,12 @@ class ServerThread:
         assert self._token is not None
         return trio.from_thread.run_sync(fn, trio_token=self._token)
 
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run the async function `fn(*args)` in the server's trio loop and
+        return its result (`server.run(server.runtime.status_panels)`)."""
+        assert self._token is not None
+        return trio.from_thread.run(fn, *args, trio_token=self._token)
+
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0, interval: float = 0.005) -> float:
         """Poll `predicate` inside the server loop; return the seconds it took."""
         t0 = time.perf_counter()

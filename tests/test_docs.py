@@ -131,3 +131,116 @@ def test_documented_hook_exists(name, heading):
         f"docs/hooks.md documents {heading!r}, but hooks/specs.py has no hook {name!r} "
         f"(the hooks are: {', '.join(sorted(SPECS))})"
     )
+
+
+# -- the start-up order, the built-ins and their pages ---------------------------------
+
+README = DOCS.parent.parent / "README.md"
+PLUGIN_DOCS = DOCS.parent / "plugins"
+
+
+def _numbered_list_after(text: str, heading: str) -> str:
+    """The numbered list that follows the line `heading`."""
+    lines = text.splitlines()
+    start = lines.index(heading) + 1
+    out = []
+    for line in lines[start:]:
+        if not line.strip() and out and not out[-1].strip():
+            break
+        if line and not line[0].isdigit() and not line.startswith("   ") and out:
+            break
+        out.append(line)
+    return "\n".join(out)
+
+
+def _documented_order(heading: str) -> list[str]:
+    listed = _numbered_list_after(DOCS.read_text(encoding="utf-8"), heading)
+    names = []
+    for name in re.findall(r"`([a-z_]+)`", listed):
+        if name in SPECS and name != "on_event" and name not in names:
+            names.append(name)
+    return names
+
+
+class EveryHook:
+    """Implements every hook and records the order the runtime calls them in."""
+
+    def __init__(self):
+        self.calls = []
+
+    def _note(self, name):
+        if name not in self.calls:
+            self.calls.append(name)
+
+
+def _recording_plugin():
+    plugin = EveryHook()
+    from streamvisor.hooks import hookimpl
+
+    for name in SPECS:
+        if name == "on_event":
+            continue
+
+        def make(name):
+            def impl(runtime):
+                plugin._note(name)
+
+            impl.__name__ = name
+            return hookimpl(specname=name)(impl)
+
+        setattr(plugin, name, make(name))
+    return plugin
+
+
+async def test_the_runtime_calls_hooks_in_the_documented_order():
+    from streamvisor.core.runtime import Runtime
+
+    from .conftest import make_config
+
+    plugin = _recording_plugin()
+    config = make_config("[plugins.every]\n")
+    async with Runtime.open(config, plugins={"every": plugin}):
+        started = list(plugin.calls)
+    assert started == _documented_order("Start-up, as `Runtime.open` runs it:"), "docs/hooks.md lists the start-up order"
+    assert plugin.calls[len(started):] == ["shutdown"]
+    assert set(plugin.calls) == set(SPECS) - {"on_event"}, "every hook but on_event was called"
+
+
+def _readme_builtins() -> list[str]:
+    """The plugin names of the README's table of built-in plugins."""
+    text = README.read_text(encoding="utf-8")
+    table = text[text.index("| plugin | what it adds | doc |"):]
+    rows = []
+    for line in table.splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(re.match(r"\| `([\w-]+)` \|", line)[1])
+    return rows
+
+
+def test_the_readme_lists_every_built_in_plugin():
+    from streamvisor.hooks import BUILTIN_PLUGINS
+
+    assert _readme_builtins() == list(BUILTIN_PLUGINS)
+
+
+@pytest.mark.parametrize("name", sorted(__import__("streamvisor.hooks", fromlist=["BUILTIN_PLUGINS"]).BUILTIN_PLUGINS))
+def test_every_built_in_plugin_has_its_page(name):
+    page = PLUGIN_DOCS / f"{name}.md"
+    assert page.exists(), f"the built-in plugin {name} has no page at docs/plugins/{name}.md"
+    assert f"`[plugins.{name}]`" in page.read_text(encoding="utf-8"), f"docs/plugins/{name}.md does not say how to enable it"
+
+
+def test_every_plugin_in_plugins_toml_has_its_page():
+    from streamvisor.config import load_config
+
+    config = load_config(DOCS.parent.parent / "plugins.toml")
+    missing = [entry.name for entry in config.plugins if not (PLUGIN_DOCS / f"{entry.name}.md").exists()]
+    assert missing == []
+
+
+def test_no_page_for_a_plugin_that_does_not_exist():
+    from streamvisor.hooks import BUILTIN_PLUGINS
+
+    pages = sorted(p.stem for p in PLUGIN_DOCS.glob("*.md"))
+    assert [p for p in pages if p not in BUILTIN_PLUGINS] == []

@@ -17,10 +17,11 @@ It adds:
 
 * a model that streams the last user message reversed, prefixed by the greeting,
   one word per chunk, with exact usage (a token is a word here);
-* ``GET /example/hello``, which answers ``{"plugin": "example", "greeting": ...}``.
+* ``GET /example/hello``, which answers ``{"plugin": "example", "greeting": ...}``;
+* a status panel, ``replies``: how many answers the model gave.
 
-It uses only the public contract: `streamvisor.hooks.hookimpl` and the types of
-`streamvisor.core.chat`, `streamvisor.core.providers` and `streamvisor.core.errors`.
+It uses only the public contract, `streamvisor.hooks` (contract 1.0), and its
+tests (``tests/``) the kit's fixtures, `streamvisor.testing`.
 """
 
 from __future__ import annotations
@@ -30,10 +31,7 @@ from typing import Any, AsyncIterator
 
 import attrs
 
-from streamvisor.core.chat import ChatRequest, Delta, Usage, message_text
-from streamvisor.core.errors import InvalidRequest
-from streamvisor.core.providers import ModelInfo
-from streamvisor.hooks import hookimpl
+from streamvisor.hooks import ChatRequest, Delta, InvalidRequest, ModelInfo, Usage, hookimpl, message_text
 
 _WORDS = re.compile(r"\s*\S+")  # a word with the whitespace before it
 
@@ -51,6 +49,7 @@ class ReverseProvider:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.replies = 0
 
     async def list_models(self) -> list[ModelInfo]:
         return [ModelInfo(self.settings.model, owned_by="example")]
@@ -66,6 +65,7 @@ class ReverseProvider:
         for sent, word in enumerate(words[:limit], start=1):
             # Usage is cumulative; the last one seen is what the session records.
             yield Delta(content=word, usage=Usage(prompt_tokens, sent))
+        self.replies += 1
         yield Delta(finish_reason="length" if limit < len(words) else "stop")
 
 
@@ -77,10 +77,11 @@ class ExamplePlugin:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.provider = ReverseProvider(settings)
 
     @hookimpl
     def register_providers(self, register):
-        register(ReverseProvider(self.settings))
+        register(self.provider)
 
     @hookimpl
     def register_routes(self, register):
@@ -88,3 +89,7 @@ class ExamplePlugin:
             return {"plugin": "example", "greeting": self.settings.greeting}  # quart sends a dict as JSON
 
         register("/example/hello", hello)
+
+    @hookimpl
+    def register_status_panels(self, register):
+        register("replies", lambda: {"replies": self.provider.replies})
