@@ -371,8 +371,6 @@ class MonitorPlugin:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.runtime: Any = None
-        self.metrics: _Metrics | None = None
         #: Live sessions' chunk timing by session id; each leaves with its
         #: session's terminal event (never dropped).
         self.tracked: dict[str, _Tracking] = {}
@@ -389,12 +387,9 @@ class MonitorPlugin:
     # -- hooks -------------------------------------------------------------------
 
     @hookimpl
-    def startup(self, runtime: Any) -> None:
+    def register_chunk_transformers(self, register: Any, runtime: Any) -> None:
         self.runtime = runtime
         self.metrics = _Metrics.create(runtime, self.settings, self)
-
-    @hookimpl
-    def register_chunk_transformers(self, register: Any) -> None:
         register(self.tracker)
 
     @hookimpl
@@ -414,7 +409,7 @@ class MonitorPlugin:
     def on_event(self, event: Event) -> None:
         if event.outcome is not None:
             self._finish(event)
-        elif self.metrics is not None:
+        else:
             self.metrics.events(event.type, event.model, event.provider).inc()
 
     # -- the hot path ------------------------------------------------------------
@@ -444,10 +439,8 @@ class MonitorPlugin:
         if tracking is None and stats.ttft_ms is not None and stats.completion_tokens > 0:
             # It streamed output, but was not timed (past max_tracked_sessions).
             self.untracked += 1
-            if self.metrics is not None:
-                self.metrics.untracked.inc()
-        if self.metrics is not None:
-            self._record_metrics(stats)
+            self.metrics.untracked.inc()
+        self._record_metrics(stats)
         if self.settings.log_sessions and log.isEnabledFor(logging.INFO):
             self._log(stats)
 
@@ -488,7 +481,6 @@ class MonitorPlugin:
 
     def _record_metrics(self, stats: SessionStats) -> None:
         metrics = self.metrics
-        assert metrics is not None
         model, provider = stats.model, stats.provider
         metrics.sessions(model, provider, stats.outcome).inc()
         if stats.duration_ms is not None:

@@ -393,21 +393,12 @@ class RetryPlugin:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.default_policy = DEFAULT_POLICY.merge(settings)
-        self.runtime: Any = None
         self.breakers: dict[str, CircuitBreaker] = {}
-        self.retries: Counter | None = None
-        self.fallbacks: Counter | None = None
-        self.circuit_state: Gauge | None = None
 
     # -- hooks ----------------------------------------------------------------
 
     @hookimpl
-    def register_event_types(self, register: Callable[..., None]) -> None:
-        register("retry", "the provider call is retried before its first chunk (data: attempt, delay, model, provider, reason, error, error_type, status)")
-        register("fallback", "the call moves to a fallback model before its first chunk (data: from_model, from_provider, to_model, to_provider, reason, error, error_type, status)")
-
-    @hookimpl
-    def startup(self, runtime: Any) -> None:
+    def register_event_types(self, register: Callable[..., None], runtime: Any) -> None:
         self.runtime = runtime
         self.retries = Counter(
             "streamvisor_upstream_retries",
@@ -427,6 +418,11 @@ class RetryPlugin:
             ["provider"],
             registry=runtime.metrics,
         )
+        register("retry", "the provider call is retried before its first chunk (data: attempt, delay, model, provider, reason, error, error_type, status)")
+        register("fallback", "the call moves to a fallback model before its first chunk (data: from_model, from_provider, to_model, to_provider, reason, error, error_type, status)")
+
+    @hookimpl
+    def startup(self, runtime: Any) -> None:
         for provider in runtime.providers:
             self.breaker(provider.name)
 
@@ -448,8 +444,7 @@ class RetryPlugin:
         breaker = self.breakers.get(provider)
         if breaker is None:
             breaker = self.breakers[provider] = CircuitBreaker(provider, self.settings.circuit)
-            if self.circuit_state is not None:
-                self.circuit_state.labels(provider).set_function(lambda: STATE_VALUES[breaker.state])
+            self.circuit_state.labels(provider).set_function(lambda: STATE_VALUES[breaker.state])
         return breaker
 
     def policy(self, model: str, provider: str) -> Policy:
@@ -583,8 +578,7 @@ class RetryPlugin:
 
     def _announce_retry(self, session: Session, failure: Failure, attempt: int, delay: float) -> None:
         delay = round(delay, 3)
-        if self.retries is not None:
-            self.retries.labels(failure.reason, failure.provider).inc()
+        self.retries.labels(failure.reason, failure.provider).inc()
         log.info(
             "retrying %s on %s (attempt %d) in %.3f s after %s: %s",
             failure.model, failure.provider, attempt, delay, failure.reason, failure.event_data()["error"],
@@ -592,8 +586,7 @@ class RetryPlugin:
         session.emit("retry", attempt=attempt, delay=delay, model=failure.model, provider=failure.provider, **failure.event_data())
 
     def _announce_fallback(self, session: Session, failure: Failure, to_model: str, to_provider: str) -> None:
-        if self.fallbacks is not None:
-            self.fallbacks.labels(failure.reason).inc()
+        self.fallbacks.labels(failure.reason).inc()
         log.info("falling back from %s to %s after %s", failure.model, to_model, failure.reason)
         session.emit(
             "fallback",

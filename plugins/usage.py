@@ -399,7 +399,6 @@ class UsagePlugin:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.ledger = Ledger(settings.retention_seconds, settings.max_records, settings.bucket_seconds, settings.max_buckets)
-        self.metrics: _Metrics | None = None
 
     # -- the public API --------------------------------------------------------------
 
@@ -424,7 +423,7 @@ class UsagePlugin:
     # -- hooks --------------------------------------------------------------------
 
     @hookimpl
-    def startup(self, runtime: Any) -> None:
+    def register_services(self, register: Any, runtime: Any) -> None:
         registry = runtime.metrics
         records = Gauge("streamvisor_usage_ledger_records", "Finished sessions the usage ledger keeps individually.", registry=registry)
         records.set_function(lambda: len(self.ledger.records))
@@ -441,9 +440,6 @@ class UsagePlugin:
                 registry=registry,
             ),
         )
-
-    @hookimpl
-    def register_services(self, register: Any) -> None:
         register("ledger", self.run_ledger)
 
     @hookimpl
@@ -486,11 +482,10 @@ class UsagePlugin:
 
     def _record(self, record: UsageRecord) -> None:
         folded = self.ledger.add(record, time.monotonic())
-        if self.metrics is not None:
-            if folded:
-                self.metrics.folded.inc(folded)
-            if record.reasoning_tokens:
-                self.metrics.reasoning.labels(record.model, record.provider).inc(record.reasoning_tokens)
+        if folded:
+            self.metrics.folded.inc(folded)
+        if record.reasoning_tokens:
+            self.metrics.reasoning.labels(record.model, record.provider).inc(record.reasoning_tokens)
 
     async def run_ledger(self) -> None:
         """The service actor: fold records whose retention has passed."""
@@ -501,5 +496,5 @@ class UsagePlugin:
 
     def tick(self) -> None:
         folded = self.ledger.fold_due(time.monotonic())
-        if folded and self.metrics is not None:
+        if folded:
             self.metrics.folded.inc(folded)

@@ -3,13 +3,18 @@ sync and async hooks, and plugins.toml order."""
 
 from __future__ import annotations
 
+import concurrent.futures
+import gc
 import json
+import time
+import weakref
 
 import attrs
+import openai
+import pytest
 import trio
 
-from streamvisor.core.chat import Delta
-from streamvisor.hooks import hookimpl, listens_to
+from streamvisor.hooks import APIError, Delta, StreamvisorDeprecationWarning, hookimpl, listens_to
 
 from .conftest import SCRIPTED, start_server
 
@@ -279,3 +284,275 @@ def test_listening_to_an_unknown_event_type_stops_start_up():
             pass
     assert "complete" in repr(caught.value.__cause__) and "ConfigError" in repr(caught.value.__cause__)
     assert ConfigError
+
+
+# -- contract 1.0: event types, sessions, per-session transformers, faults ------------
+
+
+class Announcer:
+    """Declares an event type and emits it from its middleware, with a header."""
+
+    @hookimpl
+    def register_event_types(self, register):
+        register("announcer.seen", "a request went by (data: model)")
+
+    @hookimpl
+    def register_middleware(self, register):
+        async def announce(request, call_next, session):
+            assert session.set_header("X-Announced", "yes") is True
+            session.emit("announcer.seen", model=request.model)
+            self.checks = []
+            for bad in (("X-Session-ID", "x"), ("X-Evil", "a\r\nSet-Cookie: x=1"), ("Bad Name", "x")):
+                try:
+                    session.set_header(*bad)
+                except ValueError as exc:
+                    self.checks.append(str(exc))
+            for bad_type in ("announcer.typo", "completed"):
+                try:
+                    session.emit(bad_type)
+                except ValueError as exc:
+                    self.checks.append(str(exc))
+            first = True
+            async for delta in call_next(request):
+                yield delta
+                if first:
+                    first = False
+                    self.late = session.set_header("X-Too-Late", "1")
+
+        register(announce)
+
+
+class AnnouncementListener:
+    def __init__(self):
+        self.seen = []
+
+    @hookimpl
+    @listens_to("announcer.seen")
+    def on_event(self, event):
+        self.seen.append((event.type, dict(event.data)))
+
+
+def test_a_plugin_declares_an_event_type_emits_it_and_sets_headers_through_its_session():
+    announcer, listener = Announcer(), AnnouncementListener()
+    toml = SCRIPTED + "\n[plugins.announcer]\n[plugins.listener]\n"
+    with start_server(toml, plugins={"announcer": announcer, "listener": listener}) as server:
+        raw = server.openai().chat.completions.with_raw_response.create(model="fox", messages=[{"role": "user", "content": "go"}])
+        assert raw.headers["X-Announced"] == "yes"
+        assert "X-Too-Late" not in raw.headers and announcer.late is False
+        server.wait_for(lambda: listener.seen == [("announcer.seen", {"model": "fox"})])
+        types = server.runtime.events.types
+    assert types["announcer.seen"].owner == "announcer" and not types["announcer.seen"].terminal
+    assert types["completed"].owner == "core" and types["completed"].terminal
+    reserved, split, name, typo, terminal = announcer.checks
+    assert "set by streamvisor itself" in reserved
+    assert "without line breaks" in split and "not a valid header name" in name
+    assert "'announcer.typo' was never declared" in typo
+    assert "terminal event" in terminal
+
+
+class Squatter:
+    @hookimpl
+    def register_event_types(self, register):
+        register("announcer.seen")
+
+
+def test_an_event_type_declared_twice_stops_start_up_naming_both():
+    with pytest.raises(RuntimeError) as caught:
+        with start_server("[plugins.announcer]\n[plugins.squatter]\n", plugins={"announcer": Announcer(), "squatter": Squatter()}):
+            pass
+    message = repr(caught.value.__cause__)
+    assert "plugins.squatter" in message and "already declared by plugin 'announcer'" in message
+
+
+class PerSession:
+    """A transformer factory whose per-session state counts that session's chunks."""
+
+    def __init__(self):
+        self.states = []
+
+    @hookimpl
+    def register_chunk_transformers(self, register):
+        register(self.factory)
+
+    def factory(self, session):
+        state = _Counted(session.id)
+        self.states.append(weakref.ref(state))
+        if session.model == "echo":
+            return None  # leaves echo sessions alone
+        return state.transform
+
+
+class _Counted:
+    def __init__(self, session_id):
+        self.session_id = session_id
+        self.chunks = 0
+
+    def transform(self, delta):
+        self.chunks += 1
+        if delta.content:
+            return attrs.evolve(delta, content=f"{delta.content}[{self.chunks}]")
+        return delta
+
+
+def test_chunk_transformers_are_made_per_session_and_their_state_ends_with_it():
+    plugin = PerSession()
+    with start_server(SCRIPTED + "\n[plugins.per]\n", plugins={"per": plugin}) as server:
+        client = server.openai()
+        replies = [client.chat.completions.create(model="fox", messages=[{"role": "user", "content": "go"}]) for _ in range(2)]
+        echoed = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "a b"}])
+        server.wait_for(lambda: server.runtime.sessions.live_count == 0)
+        server.call(gc.collect)
+        alive = [ref for ref in plugin.states if ref() is not None]
+    # Each session counted from 1: its own state.
+    for reply in replies:
+        assert reply.choices[0].message.content.startswith("The[1] quick[2]")
+    assert echoed.choices[0].message.content == "a b"  # the factory left it alone
+    assert len(plugin.states) == 3 and alive == [], "no session's transformer state outlives its stream"
+
+
+class Faulty:
+    """A transformer with a bug, and one that refuses a word on purpose."""
+
+    @hookimpl
+    def register_chunk_transformers(self, register):
+        def buggy(delta):
+            if delta.content and "brown" in delta.content:
+                raise KeyError("a bug")
+            return delta
+
+        def guard(delta):
+            if delta.content and "forbidden" in delta.content:
+                raise APIError("This answer was refused by the guard.", status=400, code="content_refused")
+            return delta
+
+        register(lambda session: buggy)
+        register(lambda session: guard)
+
+
+def test_a_transformer_bug_is_contained_and_counted_and_an_api_error_is_a_verdict():
+    with start_server(SCRIPTED) as plain:
+        expected = _stream_payloads(plain)
+    with start_server(SCRIPTED + "\n[plugins.faulty]\n", plugins={"faulty": Faulty()}) as server:
+        for _ in range(2):
+            assert _stream_payloads(server) == expected  # byte-identical apart from ids
+        with pytest.raises(openai.BadRequestError) as refused:
+            server.openai().chat.completions.create(model="echo", messages=[{"role": "user", "content": "say forbidden"}])
+        status = server.call(lambda: {p["name"]: p for p in server.runtime.plugin_status()})
+    assert refused.value.body["code"] == "content_refused"
+    faults = status["faulty"]["faults"]["chunk transformer"]
+    assert faults["count"] == 2 and faults["last_error"] == "KeyError: 'a bug'"
+    assert status["faulty"]["errors"]["total"] == 2
+
+
+class Legacy:
+    """The unversioned contract's forms: a two-argument middleware and a
+    transform(delta, session)."""
+
+    @hookimpl
+    def register_middleware(self, register):
+        async def old(request, call_next):
+            async for delta in call_next(request):
+                yield delta
+
+        register(old)
+
+    @hookimpl
+    def register_chunk_transformers(self, register):
+        def shout(delta, session):
+            return attrs.evolve(delta, content=delta.content.upper()) if delta.content else delta
+
+        register(shout)
+
+
+def test_deprecated_forms_still_work_and_warn():
+    with pytest.warns(StreamvisorDeprecationWarning) as warned:
+        with start_server(SCRIPTED + "\n[plugins.legacy]\n", plugins={"legacy": Legacy()}) as server:
+            reply = server.openai().chat.completions.create(model="fox", messages=[{"role": "user", "content": "go"}])
+    assert reply.choices[0].message.content == "THE QUICK BROWN FOX JUMPS OVER THE LAZY DOG."
+    messages = [str(w.message) for w in warned]
+    assert any("'legacy'" in m and "(request, call_next, session)" in m for m in messages)
+    assert any("'legacy'" in m and "factory(session)" in m for m in messages)
+
+
+@pytest.mark.parametrize("declared, ok", [("1.0", True), ("1", True), ("2.0", False), ("1.9", False), ("one", False), ("0.9", False)])
+def test_the_contract_version_a_plugin_declares_is_checked(declared, ok):
+    from streamvisor.config import ConfigError
+    from streamvisor.hooks import PluginHost
+
+    from .conftest import make_config
+
+    class Versioned:
+        streamvisor_contract = declared
+
+        @hookimpl
+        def startup(self):
+            pass
+
+    if ok:
+        host = PluginHost.from_config(make_config("[plugins.v]\n"), {"v": Versioned})
+        assert next(iter(host)).contract == declared
+    else:
+        with pytest.raises(ConfigError) as caught:
+            PluginHost.from_config(make_config("[plugins.v]\n"), {"v": Versioned})
+        assert "plugins.v" in str(caught.value) and declared in str(caught.value)
+
+
+# -- terminal events: never dropped, bounded by sessions ------------------------------
+
+
+class SlowLedger:
+    """An async listener that takes `delay` seconds for each terminal event."""
+
+    def __init__(self, delay):
+        self.delay = delay
+        self.recorded = []
+
+    @hookimpl
+    @listens_to("completed", "failed", "stopped", "disconnected")
+    async def on_event(self, event):
+        await trio.sleep(self.delay)
+        self.recorded.append((event.session_id, event.usage.completion_tokens))
+
+
+def test_a_slow_listener_records_every_terminal_event_and_streams_do_not_wait_for_it():
+    # The fast subset of issue 8's figure (2,000 sessions at concurrency 64, in
+    # bench/): 320 sessions, 64 at a time, a listener taking 20 ms per event.
+    sessions, concurrency, delay = 320, 64, 0.02
+    ledger = SlowLedger(delay)
+    toml = SCRIPTED + "\n[plugins.ledger]\n"
+    with start_server(toml, plugins={"ledger": ledger}, event_queue_size=8) as server:
+        http = server.http(limits=__import__("httpx").Limits(max_connections=concurrency))
+        body = {"model": "fox", "stream": True, "messages": [{"role": "user", "content": "go"}]}
+        backlog = []
+        t0 = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            texts = list(pool.map(lambda _: http.post("/v1/chat/completions", json=body).text, range(sessions)))
+            backlog.append(server.call(server.runtime.events.terminal_backlog))
+        streamed = time.perf_counter() - t0
+        assert all(text.endswith("data: [DONE]\n\n") for text in texts)
+        server.wait_for(lambda: len(ledger.recorded) == sessions, timeout=60)
+        drained = time.perf_counter() - t0
+        stats = server.call(lambda: {s.plugin: s for s in server.runtime.events.stats})["ledger"]
+    assert stats.dropped == 0 and stats.delivered == sessions
+    assert sorted(set(s for s, _ in ledger.recorded)) == sorted(s for s, _ in ledger.recorded), "each session once"
+    assert all(tokens == 9 for _, tokens in ledger.recorded)
+    # The streams finished long before the listener did: they never waited for it.
+    assert streamed < drained - 2
+    assert max(backlog) <= sessions
+
+
+def test_past_the_bound_a_lagging_listener_makes_new_sessions_wait_not_lose_records():
+    ledger = SlowLedger(0.5)
+    with start_server(SCRIPTED + "\n[plugins.ledger]\n", plugins={"ledger": ledger}, max_live_sessions=3) as server:
+        client = server.openai()
+        for _ in range(3):
+            client.chat.completions.create(model="fox", messages=[{"role": "user", "content": "go"}])
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="fox", messages=[{"role": "user", "content": "go"}])
+        server.wait_for(lambda: len(ledger.recorded) == 3, timeout=10)
+        after = client.chat.completions.create(model="fox", messages=[{"role": "user", "content": "go"}])
+        server.wait_for(lambda: len(ledger.recorded) == 4, timeout=10)
+    assert refused.value.status_code == 503 and refused.value.body["code"] == "overloaded"
+    assert refused.value.response.headers["Retry-After"] == "1"
+    assert "recording finished sessions more slowly" in refused.value.body["message"]
+    assert after.choices[0].message.content

@@ -186,14 +186,15 @@ class CachePlugin:
             )
         else:
             self.backend = MemoryBackend(settings.max_bytes, settings.ttl_seconds)
-        self.runtime: Any = None
-        self.metrics: CacheMetrics | None = None
         self._last_error_log: dict[str, float] = {}
 
     # -- hooks -------------------------------------------------------------------
 
     @hookimpl
-    def register_event_types(self, register):
+    def register_event_types(self, register, runtime):
+        self.runtime = runtime
+        self.metrics = CacheMetrics.create(runtime.metrics, self.backend.name)
+        self.backend.watch(self.metrics)
         register("cache_hit", "a cached answer is replayed instead of calling the provider (data: key, backend, age_seconds, chunks)")
 
     @hookimpl
@@ -203,10 +204,7 @@ class CachePlugin:
             register(self.backend.name, service)
 
     @hookimpl
-    async def startup(self, runtime):
-        self.runtime = runtime
-        self.metrics = CacheMetrics.create(runtime.metrics, self.backend.name)
-        self.backend.watch(self.metrics)
+    async def startup(self):
         if not await self.backend.wait_ready(5):
             log.warning("the %s cache backend was not ready at start-up; requests go uncached until it is", self.backend.name)
 
@@ -243,8 +241,7 @@ class CachePlugin:
         return None
 
     def _backend_failed(self, operation: str, why: str) -> None:
-        if self.metrics is not None:
-            self.metrics.error(operation)
+        self.metrics.error(operation)
         now = time.monotonic()
         if now - self._last_error_log.get(operation, -_ERROR_LOG_INTERVAL) >= _ERROR_LOG_INTERVAL:
             self._last_error_log[operation] = now
@@ -261,8 +258,7 @@ class CachePlugin:
             why = "it did not answer in time"
         except Exception as exc:
             why = f"{type(exc).__name__}: {exc}"
-        if self.metrics is not None:
-            self.metrics.error(operation)
+        self.metrics.error(operation)
         raise APIError(
             f"The cache backend ({self.backend.name}) failed: {why}.",
             status=503,
@@ -286,25 +282,20 @@ class CachePlugin:
     def middleware(self, request: ChatRequest, call_next: Callable[[ChatRequest], AsyncIterator[Delta]], session: Session) -> AsyncIterator[Delta]:
         """A plain function, not an async generator: a request the cache does not
         serve gets the rest of the chain itself, with no layer per chunk."""
-        metrics = self.metrics
         model = key = None
-        if metrics is None:
-            reason: str | None = "not_started"
-        else:
-            reason = bypass_reason(request, self.settings.cache_unset_temperature, self.settings.cache_nonzero_temperature)
-            if reason is None:
-                model = self.canonical_model(request.model)
-                if model is None:
-                    reason = "unknown_model"  # the provider call raises the right error
-            if reason is None:
-                try:
-                    key = cache_key(request, model)
-                except (TypeError, orjson.JSONEncodeError):
-                    # Only a request built in-process can hold what JSON cannot encode.
-                    reason = "unkeyable"
+        reason = bypass_reason(request, self.settings.cache_unset_temperature, self.settings.cache_nonzero_temperature)
+        if reason is None:
+            model = self.canonical_model(request.model)
+            if model is None:
+                reason = "unknown_model"  # the provider call raises the right error
+        if reason is None:
+            try:
+                key = cache_key(request, model)
+            except (TypeError, orjson.JSONEncodeError):
+                # Only a request built in-process can hold what JSON cannot encode.
+                reason = "unkeyable"
         if reason is not None:
-            if metrics is not None:
-                metrics.bypass(reason)
+            self.metrics.bypass(reason)
             if reason != "unkeyable":
                 session.set_header("X-Cache", "bypass")
             return call_next(request)
@@ -315,7 +306,6 @@ class CachePlugin:
         self, request: ChatRequest, call_next: Callable[[ChatRequest], AsyncIterator[Delta]], session: Session, model: str, key: str
     ) -> AsyncIterator[Delta]:
         metrics = self.metrics
-        assert metrics is not None
         entry = await self._lookup(key)
         if entry is not None:
             metrics.hit()
@@ -363,7 +353,7 @@ class CachePlugin:
         if len(blob) > self.settings.max_entry_bytes:
             return
         stored = await self._backend_call("set", self.backend.put, key, entry.model, blob)
-        if stored and self.metrics is not None:
+        if stored:
             self.metrics.stored()
 
     # -- readiness and admin -----------------------------------------------------
@@ -379,7 +369,6 @@ class CachePlugin:
 
     async def status(self) -> dict[str, Any]:
         metrics = self.metrics
-        assert metrics is not None
         body: dict[str, Any] = {"backend": self.backend.name, "reachable": True, "error": None}
         try:
             with trio.fail_after(max(5.0, self.settings.backend_timeout_seconds)):
