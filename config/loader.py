@@ -38,15 +38,23 @@ class ServerSettings:
     max_retained_sessions: int = attrs.field(default=10_000, validator=positive)
     #: The bound of one session's chunk buffer; a stream that exceeds it fails.
     max_session_chunks: int = attrs.field(default=100_000, validator=positive)
-    #: The bound on sessions running at once; past it requests get 503.
+    #: The bound on sessions running at once (plus the terminal events a
+    #: listener has yet to handle); past it requests get 503.
     max_live_sessions: int = attrs.field(default=20_000, validator=positive)
+    #: The bound on the bytes all session buffers hold together (an estimate:
+    #: text plus ~200 bytes a chunk); past it new sessions get 503.
+    max_buffered_bytes: int = attrs.field(default=256 * 1024 * 1024, validator=positive)
     #: The bound of each event listener's queue of non-terminal events; events
     #: past it are dropped and counted (terminal events are never dropped).
     event_queue_size: int = attrs.field(default=1024, validator=positive)
     #: An async event listener call that takes longer is cancelled and counted.
     listener_timeout_seconds: float = attrs.field(default=30.0, validator=positive)
-    #: Grace period for sessions to finish when the server shuts down.
+    #: The whole shutdown (sessions, events, shutdown hooks, providers) takes at most this.
     shutdown_grace_seconds: float = attrs.field(default=5.0, validator=attrs.validators.ge(0))
+    #: A plugin's registration or startup hook that takes longer stops start-up.
+    startup_timeout_seconds: float = attrs.field(default=300.0, validator=positive)
+    #: A plugin's route that takes longer to answer gets 504 (and counts as a fault).
+    route_timeout_seconds: float = attrs.field(default=60.0, validator=positive)
     #: Supervisor restart intensity: at most this many restarts ...
     restart_intensity: int = attrs.field(default=5, validator=attrs.validators.ge(0))
     #: ... within this many seconds, or the supervisor gives up and escalates.

@@ -13,6 +13,7 @@ answered with a 500 envelope like any other.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import re
@@ -127,15 +128,18 @@ def create_app(runtime: Runtime) -> QuartTrio:
             # Plugins may have set headers (X-Cache, ...) before the first chunk.
             headers = {**session.headers, "X-Session-ID": session.id}
             if session.error is not None and not session.chunks:
-                # Nothing reached the client: a plain error status is honest.
-                session.error.headers.update(headers)
-                raise session.error
+                # Nothing reached the client: a plain error status is honest. A
+                # copy is raised: the session keeps its error without the
+                # traceback of this handler.
+                error = copy.copy(session.error)
+                error.headers = {**error.headers, **headers}
+                raise error
             completion_id = f"chatcmpl-{session.id.removeprefix('sess_')}"
             created = int(session.created_at)
             if not chat.stream:
                 await session.wait_done()
                 if session.error is not None:
-                    raise session.error
+                    raise copy.copy(session.error)
                 usage = session.usage
                 assert usage is not None
                 return json_response(
@@ -181,16 +185,30 @@ def create_app(runtime: Runtime) -> QuartTrio:
     return app
 
 
+#: What a quart view may return.
+_VIEW_RESULTS = (Response, dict, list, str, bytes, tuple)
+
+
 def _plugin_view(runtime: Runtime, plugin: str, view: Callable[..., Any]) -> Callable[..., Any]:
+    timeout = runtime.config.server.route_timeout_seconds
+
     @functools.wraps(view)
     async def guarded(*args: Any, **kwargs: Any) -> Any:
+        where = f"route {request.method} {request.url_rule.rule if request.url_rule else request.path}"
         try:
-            return await view(*args, **kwargs)
+            with trio.move_on_after(timeout):
+                result = await view(*args, **kwargs)
+                if not isinstance(result, _VIEW_RESULTS):
+                    raise TypeError(f"the view returned {type(result).__name__}, which is not a response")
+                return result
         except (APIError, HTTPException):
             raise
         except Exception as exc:
-            runtime.faults.record(plugin, f"route {request.method} {request.url_rule.rule if request.url_rule else request.path}", exc)
+            runtime.faults.record(plugin, where, exc)
             raise InternalError("The server failed to handle the request.") from None
+        runtime.faults.record(plugin, where, TimeoutError(f"no answer within {timeout:g} s"), log_it=False)
+        log.warning("plugin %r's %s did not answer within route_timeout_seconds (%g s)", plugin, where, timeout)
+        raise APIError(f"The request took longer than {timeout:g} s.", status=504, type="server_error", code="route_timeout")
 
     return guarded
 

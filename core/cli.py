@@ -22,6 +22,7 @@ import trio
 from streamvisor.config import ConfigError, StreamvisorConfig, load_config
 from streamvisor.hooks.manager import DEFAULT_STACK
 
+from .faults import PluginError
 from .logs import configure
 from .sessions import unwrap
 
@@ -336,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
         inner = unwrap(exc)
         if isinstance(inner, ConfigError):
             print(f"streamvisor: configuration error: {inner}", file=sys.stderr)
+            return 2
+        if isinstance(inner, PluginError):
+            print(f"streamvisor: cannot start: {inner}", file=sys.stderr)
             return 2
         raise
 

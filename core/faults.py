@@ -20,6 +20,17 @@ log = logging.getLogger("streamvisor.faults")
 _DETAIL_LIMIT = 300
 
 
+class PluginError(Exception):
+    """A plugin failed while the runtime started (in a registration hook or in
+    `startup`, by raising or by taking too long): the server does not start, and
+    says which plugin and which hook."""
+
+    def __init__(self, plugin: str, hook: str, detail: str) -> None:
+        self.plugin = plugin
+        self.hook = hook
+        super().__init__(f"plugin {plugin!r} failed in its {hook} hook: {detail}")
+
+
 @attrs.define(eq=False)
 class FaultCount:
     count: int = 0

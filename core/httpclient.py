@@ -351,12 +351,12 @@ class Response:
 
     # -- ending ---------------------------------------------------------------
 
-    def _release(self) -> None:
+    def _release(self, failed: bool = False) -> None:
         connection = self._connection
         if connection is None:
             return
         self._connection = None
-        reusable = self._done and self._keep_alive and self._pos >= len(self._buffer)
+        reusable = not failed and self._done and self._keep_alive and self._pos >= len(self._buffer)
         self._client._release(connection, reusable)
 
 
@@ -376,9 +376,12 @@ class _StreamContext:
         self._response = await self._client._send(self._request)
         return self._response
 
-    async def __aexit__(self, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: object, *exc_info: object) -> None:
+        # A block left by an exception (a malformed stream, a bound, an error
+        # status raised as an error) does not return its connection to the
+        # pool: whatever the server sent next on it is not trusted.
         if self._response is not None:
-            self._response._release()
+            self._response._release(failed=exc_type is not None)
 
 
 class HTTPClient:

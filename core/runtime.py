@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Mapping
 
@@ -31,13 +32,13 @@ from streamvisor.hooks.manager import PluginHost
 from streamvisor.hooks.markers import deprecated
 
 from .chat import ChatRequest, Delta
-from .errors import Overloaded
+from .errors import InternalError, Overloaded
 from .events import EventDispatcher
-from .faults import PluginFaults
-from .health import HealthCheck
+from .faults import PluginError, PluginFaults
+from .health import Health, HealthCheck
 from .providers import ProviderRegistry
-from .sessions import Session, SessionActor, SessionRegistry, StreamFn, TransformerFactory, new_id
-from .supervisor import ChildSpec, Restart, Supervisor
+from .sessions import BufferMeter, Session, SessionActor, SessionRegistry, StreamFn, TransformerFactory, new_id, unwrap
+from .supervisor import ChildSpec, Restart, Supervisor, SupervisorEscalation
 
 log = logging.getLogger("streamvisor.runtime")
 
@@ -56,17 +57,23 @@ class PluginRoute:
     methods: tuple[str, ...]
 
 
-def compose(middlewares: list[Middleware], endpoint: StreamFn, session: Session) -> StreamFn:
+def compose(middlewares: list[tuple[str, Middleware]], endpoint: StreamFn, session: Session, faults: PluginFaults) -> StreamFn:
     """Wrap `endpoint` so that the first middleware is outermost."""
     stream = endpoint
-    for middleware in reversed(middlewares):
-        stream = _bind(middleware, stream, session)
+    for plugin, middleware in reversed(middlewares):
+        stream = _bind(plugin, middleware, stream, session, faults)
     return stream
 
 
-def _bind(middleware: Middleware, call_next: StreamFn, session: Session) -> StreamFn:
+def _bind(plugin: str, middleware: Middleware, call_next: StreamFn, session: Session, faults: PluginFaults) -> StreamFn:
     def stream(request: ChatRequest) -> AsyncIterator[Delta]:
-        return middleware(request, call_next, session)
+        result = middleware(request, call_next, session)
+        if not hasattr(result, "__anext__"):
+            # Garbage from a middleware: its plugin's fault, not a mystery in core.
+            fault = TypeError(f"its middleware returned {type(result).__name__}, not an async iterator of Delta")
+            faults.record(plugin, "middleware", fault)
+            raise InternalError("The stream failed unexpectedly.")
+        return result
 
     return stream
 
@@ -105,15 +112,19 @@ class Runtime:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
         self.faults = PluginFaults()
+        #: Bytes held by every session's buffer together (bounded by max_buffered_bytes).
+        self.buffers = BufferMeter()
+        self.sessions.meter = self.buffers
         self._host = host
         self._supervisor = Supervisor("root", intensity=server.restart_intensity, period=server.restart_period_seconds)
-        self._middlewares: list[Middleware] = []
+        #: Each plugin's services run under a supervisor of their own: a plugin
+        #: whose services crash too often loses them, not the server.
+        self._plugin_supervisors: dict[str, Supervisor] = {}
+        self._middlewares: list[tuple[str, Middleware]] = []
         self._transformers: list[tuple[str, TransformerFactory]] = []
         self._routes: list[PluginRoute] = []
         self._health_checks: dict[str, HealthCheck] = {}
         self._panels: dict[str, dict[str, StatusPanel]] = {}
-        #: Service children by plugin, for plugin_status().
-        self._services: dict[str, list[str]] = {}
         self._max_live_sessions = server.max_live_sessions
         self._nursery: trio.Nursery | None = None
 
@@ -131,7 +142,7 @@ class Runtime:
             runtime._nursery = nursery
             await nursery.start(runtime._supervisor.run)
             try:
-                await runtime._host.call("startup", runtime=runtime)
+                await runtime._call_hook("startup")
                 await runtime.providers.refresh()
                 yield runtime
             finally:
@@ -139,20 +150,42 @@ class Runtime:
                     await runtime._stop(config.server.shutdown_grace_seconds)
                 nursery.cancel_scope.cancel()
 
+    async def _call_hook(self, hook: str, make_register: Callable[[str], Callable[..., Any]] | None = None) -> None:
+        """Call a start-up hook of every plugin in order. A plugin that raises, or
+        takes longer than `[server] startup_timeout_seconds`, stops start-up
+        with a `PluginError` naming it and the hook."""
+        timeout = self.config.server.startup_timeout_seconds
+        for call in self._host.implementations(hook):
+            kwargs: dict[str, Any] = {"runtime": self}
+            if make_register is not None:
+                kwargs["register"] = make_register(call.plugin_name)
+            try:
+                with trio.fail_after(timeout):
+                    await _maybe_await(call(**kwargs))
+            except ConfigError:
+                raise
+            except trio.TooSlowError:
+                raise PluginError(call.plugin_name, hook, f"it did not finish within {timeout:g} s (startup_timeout_seconds)") from None
+            except Exception as exc:
+                inner = unwrap(exc)
+                if isinstance(inner, ConfigError):
+                    raise inner from None
+                raise PluginError(call.plugin_name, hook, f"{type(inner).__name__}: {inner}") from exc
+
     async def _register(self) -> None:
         host = self._host
 
         def per_plugin(method: Callable[..., Any]) -> Callable[[str], Callable[..., Any]]:
             return lambda plugin: functools.partial(method, plugin)
 
-        await host.call_per_plugin("register_event_types", per_plugin(self._declare_event_type), runtime=self)
-        await host.call_per_plugin("register_providers", lambda plugin: self.providers.register, runtime=self)
-        await host.call_per_plugin("register_middleware", per_plugin(self._add_middleware), runtime=self)
-        await host.call_per_plugin("register_chunk_transformers", per_plugin(self._add_transformer), runtime=self)
-        await host.call_per_plugin("register_routes", per_plugin(self._add_route), runtime=self)
-        await host.call_per_plugin("register_services", per_plugin(self._add_service), runtime=self)
-        await host.call_per_plugin("register_health_checks", per_plugin(self._add_check), runtime=self)
-        await host.call_per_plugin("register_status_panels", per_plugin(self._add_panel), runtime=self)
+        await self._call_hook("register_event_types", per_plugin(self._declare_event_type))
+        await self._call_hook("register_providers", lambda plugin: self.providers.register)
+        await self._call_hook("register_middleware", per_plugin(self._add_middleware))
+        await self._call_hook("register_chunk_transformers", per_plugin(self._add_transformer))
+        await self._call_hook("register_routes", per_plugin(self._add_route))
+        await self._call_hook("register_services", per_plugin(self._add_service))
+        await self._call_hook("register_health_checks", per_plugin(self._add_check))
+        await self._call_hook("register_status_panels", per_plugin(self._add_panel))
         for call in host.implementations("on_event"):
             types = getattr(call.function, "streamvisor_event_types", None)
             exclude = getattr(call.function, "streamvisor_event_exclude", None)
@@ -167,8 +200,22 @@ class Runtime:
                 raise ConfigError(self.config.source, f"plugins.{call.plugin_name}", "listens_to() with declared event types", str(exc)) from None
         self._supervisor.start_child(ChildSpec("session-janitor", self.sessions.janitor))
         for plugin, name, run in self.events.services():
-            self._services.setdefault(plugin, []).append(name)
             self._supervisor.start_child(ChildSpec(name, run))
+        for plugin, supervisor in self._plugin_supervisors.items():
+            self._supervisor.start_child(ChildSpec(supervisor.name, self._plugin_services(plugin, supervisor), Restart.TEMPORARY))
+
+    def _plugin_services(self, plugin: str, supervisor: Supervisor) -> Callable[[], Any]:
+        async def run() -> None:
+            try:
+                await supervisor.run()
+            except Exception as exc:
+                inner = unwrap(exc)
+                if not isinstance(inner, SupervisorEscalation):
+                    raise
+                self.faults.record(plugin, "services", inner, log_it=False)
+                log.error("gave up on the services of plugin %r (%s); the server goes on without them", plugin, inner)
+
+        return run
 
     def _declare_event_type(self, plugin: str, name: str, description: str = "") -> None:
         try:
@@ -184,7 +231,9 @@ class Runtime:
             def middleware(request: ChatRequest, call_next: StreamFn, session: Session) -> AsyncIterator[Delta]:
                 return legacy(request, call_next)
 
-        self._middlewares.append(middleware)
+        if not callable(middleware):
+            raise TypeError(f"the middleware {middleware!r} is not callable")
+        self._middlewares.append((plugin, middleware))
 
     def _add_transformer(self, plugin: str, factory: Callable[..., Any]) -> None:
         if _required_positional(factory) == 2:
@@ -194,20 +243,36 @@ class Runtime:
             def factory(session: Session) -> Callable[[Delta], Delta | None]:
                 return lambda delta: legacy(delta, session)
 
+        if not callable(factory):
+            raise TypeError(f"the chunk transformer factory {factory!r} is not callable")
         self._transformers.append((plugin, factory))
 
     def _add_route(self, plugin: str, path: str, view: Callable[..., Any], methods: tuple[str, ...] | list[str] = ("GET",)) -> None:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise TypeError(f"a route's path is a string starting with '/', not {path!r}")
+        if not callable(view):
+            raise TypeError(f"the view of route {path} is {view!r}, not an async function")
         self._routes.append(PluginRoute(plugin, path, view, tuple(methods)))
 
     def _add_service(self, plugin: str, name: str, run: Callable[[], Any], restart: str = "permanent") -> None:
-        child = f"{plugin}:{name}"
-        self._services.setdefault(plugin, []).append(child)
-        self._supervisor.start_child(ChildSpec(child, run, Restart(restart)))
+        if not callable(run):
+            raise TypeError(f"the service {name!r} is {run!r}, not an async function")
+        supervisor = self._plugin_supervisors.get(plugin)
+        if supervisor is None:
+            server = self.config.server
+            supervisor = self._plugin_supervisors[plugin] = Supervisor(
+                f"plugin:{plugin}", intensity=server.restart_intensity, period=server.restart_period_seconds
+            )
+        supervisor.start_child(ChildSpec(name, run, Restart(restart)))
 
     def _add_check(self, plugin: str, name: str, check: HealthCheck) -> None:
+        if not callable(check):
+            raise TypeError(f"the health check {name!r} is {check!r}, not an async function")
         self._health_checks[f"{plugin}:{name}"] = check
 
     def _add_panel(self, plugin: str, name: str, panel: StatusPanel) -> None:
+        if not callable(panel):
+            raise TypeError(f"the status panel {name!r} is {panel!r}, not a function")
         panels = self._panels.setdefault(plugin, {})
         if name in panels:
             raise ConfigError(self.config.source, f"plugins.{plugin}", "status panels with distinct names", f"two named {name!r}")
@@ -250,6 +315,41 @@ class Runtime:
         """Every registered readiness check, by "PLUGIN:NAME"."""
         return dict(self._health_checks)
 
+    async def check_health(self, timeout: float = 2.0) -> dict[str, tuple[Health, float]]:
+        """Run every readiness check at once, each under `timeout`: ``{"PLUGIN:NAME":
+        (Health, milliseconds)}``. A check that raises, takes too long or returns
+        neither a `Health` nor a bool is not ready, says why, and counts as a
+        fault of its plugin."""
+        results: dict[str, tuple[Health, float]] = {}
+
+        async def run(name: str, check: HealthCheck) -> None:
+            plugin = name.partition(":")[0]
+            t0 = time.perf_counter()
+            health: Health
+            try:
+                with trio.move_on_after(timeout) as scope:
+                    value = await _maybe_await(check())
+                if scope.cancelled_caught:
+                    health = Health(False, f"did not answer within {timeout:g} s")
+                    self.faults.record(plugin, "health check", TimeoutError(f"check {name!r} took longer than {timeout:g} s"), log_it=False)
+                elif isinstance(value, Health):
+                    health = value
+                elif isinstance(value, bool):
+                    health = Health(value)
+                else:
+                    health = Health(False, f"the check returned {type(value).__name__}, expected Health or a bool")
+                    self.faults.record(plugin, "health check", TypeError(health.detail), log_it=False)
+            except Exception as exc:
+                health = Health(False, f"raised {type(exc).__name__}: {exc}" if str(exc) else f"raised {type(exc).__name__}")
+                self.faults.record(plugin, "health check", exc, log_it=False)
+            results[name] = (health, round((time.perf_counter() - t0) * 1000, 3))
+
+        checks = dict(self._health_checks)
+        async with trio.open_nursery() as nursery:
+            for name, check in checks.items():
+                nursery.start_soon(run, name, check)
+        return {name: results[name] for name in checks}
+
     async def status_panels(self, timeout: float = PANEL_TIMEOUT_SECONDS) -> dict[str, dict[str, Any]]:
         """Every plugin's status panels, gathered at once: ``{plugin: {name:
         value}}``. A panel that raises or takes longer than `timeout` shows
@@ -282,17 +382,16 @@ class Runtime:
         contract it was written for, its hooks, its services and listener, and
         the faults counted against it."""
         listeners = {stats.plugin: stats for stats in self.events.stats}
-        children = self._supervisor.children
+        root = self._supervisor.children
         out = []
         for loaded in self._host:
-            services = {}
-            for child in self._services.get(loaded.name, ()):
-                stats = children.get(child)
-                if stats is not None:
-                    # "cache:redis" is the cache plugin's service "redis"; its
-                    # event listener is "listener".
-                    name = child.removeprefix(f"{loaded.name}:").removesuffix(f":{loaded.name}")
-                    services[name] = {"starts": stats.starts, "crashes": stats.crashes, "running": stats.running, "last_error": stats.last_error}
+            children = dict(self._plugin_supervisors[loaded.name].children) if loaded.name in self._plugin_supervisors else {}
+            if f"listener:{loaded.name}" in root:
+                children["listener"] = root[f"listener:{loaded.name}"]
+            services = {
+                name: {"starts": stats.starts, "crashes": stats.crashes, "running": stats.running, "last_error": stats.last_error}
+                for name, stats in children.items()
+            }
             listener = listeners.get(loaded.name)
             faults = self.faults.of(loaded.name)
             errors = {
@@ -315,6 +414,10 @@ class Runtime:
                 }
             )
         return out
+
+    def service_supervisors(self) -> dict[str, Supervisor]:
+        """Each plugin's services' supervisor (tests look at them)."""
+        return dict(self._plugin_supervisors)
 
     def task_names(self) -> list[str]:
         """Names of the tasks the runtime's root nursery runs (sessions, supervisor)."""
@@ -340,6 +443,11 @@ class Runtime:
             raise Overloaded(
                 "The server is recording finished sessions more slowly than they end; retry shortly.", headers={"Retry-After": "1"}
             )
+        if self.buffers.bytes >= self.config.server.max_buffered_bytes:
+            raise Overloaded(
+                f"The server holds {self.config.server.max_buffered_bytes} bytes of streams, its limit; retry shortly.",
+                headers={"Retry-After": "1"},
+            )
         session_id = new_id("sess_")
         request = attrs.evolve(request, session_id=session_id)
         session = Session(
@@ -351,9 +459,10 @@ class Runtime:
             identity=request.identity,
             max_chunks=self.config.server.max_session_chunks,
             events=self.events,
+            meter=self.buffers,
         )
-        stream = compose(self._middlewares, self._provider_stream, session) if self._middlewares else self._provider_stream
-        actor = SessionActor(session, stream, self._transformers, self.events, self.sessions, self.faults)
+        stream = compose(self._middlewares, self._provider_stream, session, self.faults) if self._middlewares else self._provider_stream
+        actor = SessionActor(session, stream, self._transformers, self.events, self.sessions, self.faults, self._host.blame)
         self.sessions.add(session)
         self.events.emit("created", session)
         self._nursery.start_soon(actor.run, name=f"session:{session_id}")

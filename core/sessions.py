@@ -22,6 +22,7 @@ comparable only within one process).
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import re
 import secrets
@@ -48,6 +49,29 @@ _HEADER_VALUE = re.compile(r"^[\x20-\x7e\t]{0,4096}$")
 _RESERVED_HEADERS = frozenset(
     {"content-type", "content-length", "transfer-encoding", "connection", "x-session-id", "x-request-id", "server-timing", "cache-control"}
 )
+
+
+#: What one buffered delta is counted as besides its text (the objects around it).
+_DELTA_OVERHEAD = 200
+
+
+class BufferMeter:
+    """The bytes held by every session buffer of a runtime together, counted as
+    deltas are appended and given back when a buffer is dropped. An estimate
+    (text length plus a fixed overhead per delta), cheap enough for every chunk;
+    the runtime refuses new sessions while it is over `max_buffered_bytes`."""
+
+    __slots__ = ("bytes",)
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+
+def delta_bytes(delta: Delta) -> int:
+    size = _DELTA_OVERHEAD + len(delta.content or "") + len(delta.reasoning or "")
+    if delta.tool_calls:
+        size += 64 * len(delta.tool_calls)
+    return size
 
 
 def new_id(prefix: str) -> str:
@@ -101,6 +125,9 @@ class Session:
     dropped_chunks: int = 0
     _headers: dict[str, str] = attrs.field(factory=dict)
     _events: EventDispatcher | None = None
+    _meter: BufferMeter | None = None
+    #: The bytes this session's buffer is counted as in the meter.
+    _buffered: int = 0
     _released: bool = False
     #: Made by the first follower that waits, set and dropped by the next change:
     #: a chunk appended while nobody waits costs no Event.
@@ -160,6 +187,11 @@ class Session:
 
     def append(self, delta: Delta) -> None:
         self.chunks.append(delta)
+        meter = self._meter
+        if meter is not None:
+            size = delta_bytes(delta)
+            self._buffered += size
+            meter.bytes += size
         changed = self._changed
         if changed is not None:
             self._changed = None
@@ -190,6 +222,14 @@ class Session:
     def _drop_chunks(self) -> None:
         self.dropped_chunks += len(self.chunks)
         self.chunks = []
+        self._unmeter()
+
+    def _unmeter(self) -> None:
+        """Stop counting this buffer in the runtime's meter: it was dropped, or
+        the session left the registry (its opener may still be reading it)."""
+        if self._meter is not None:
+            self._meter.bytes -= self._buffered
+            self._buffered = 0
 
     async def _wait_change(self) -> None:
         changed = self._changed
@@ -281,6 +321,7 @@ class SessionActor:
         events: EventDispatcher,
         registry: "SessionRegistry",
         faults: PluginFaults,
+        blame: Callable[[BaseException], str | None] = lambda exc: None,
     ) -> None:
         self.session = session
         self.stream = stream
@@ -288,6 +329,7 @@ class SessionActor:
         self.events = events
         self.registry = registry
         self.faults = faults
+        self.blame = blame
         self.completed = False
 
     async def run(self) -> None:
@@ -359,29 +401,46 @@ class SessionActor:
     def _transform(self, delta: Delta, transforms: list[Transform], owners: list[str]) -> Delta | None:
         i = 0
         while i < len(transforms):
+            result = None
             try:
-                delta = transforms[i](delta)
+                result = transforms[i](delta)
+                if result is not None and type(result) is not Delta:
+                    raise TypeError(f"a chunk transformer returned {type(result).__name__}, not a Delta or None")
             except APIError:
                 raise  # a transformer's deliberate verdict (a guardrail): the session fails
             except Exception as exc:
                 # A bug: contained. The transformer leaves this session, the delta
                 # goes on as it was, the fault is counted against its plugin.
+                if inspect.iscoroutine(result):
+                    result.close()  # an async transform's coroutine: never to be awaited
                 self.faults.record(owners[i], "chunk transformer", exc)
                 del transforms[i], owners[i]
                 continue
-            if delta is None:
+            if result is None:
                 return None
+            delta = result
             i += 1
         return delta
 
     def _fail(self, exc: BaseException) -> None:
         session = self.session
         if isinstance(exc, APIError):
-            session.error = exc
             log.warning("session %s failed: %s", session.id, exc.message)
+            # The error is kept with the session for its retention; its traceback
+            # and chained causes hold the frames of the provider that raised it
+            # (a decoder's buffers, a response): a failed session keeps no more
+            # than its own output.
+            exc.__traceback__ = exc.__cause__ = exc.__context__ = None
+            session.error = exc
         else:
+            # A bug: in a plugin's middleware or provider when its code raised it
+            # (a fault of that plugin), else in the runtime.
+            plugin = self.blame(exc)
+            if plugin is not None:
+                self.faults.record(plugin, "stream", exc)
+            else:
+                log.error("session %s failed", session.id, exc_info=exc)
             session.error = InternalError("The stream failed unexpectedly.")
-            log.error("session %s failed", session.id, exc_info=exc)
 
     def _conclude(self) -> None:
         """Record the outcome. Synchronous on purpose: it runs after cancellation."""
@@ -439,6 +498,8 @@ class SessionRegistry:
         #: seconds, and at a high request rate seconds can hold many buffers.
         self.max_retained = max_retained
         self._live: dict[str, Session] = {}
+        #: The runtime's buffer meter (set by the runtime).
+        self.meter: BufferMeter | None = None
         #: Finished sessions in the order they finished, which is also the order
         #: they expire in (retention is one number): (expiry, session).
         self._retained: collections.OrderedDict[str, tuple[float, Session]] = collections.OrderedDict()
@@ -488,7 +549,11 @@ class SessionRegistry:
         it was kept. A live session cannot be removed: cancel it first."""
         if session_id in self._live:
             raise ValueError(f"session {session_id} is live; cancel it before removing it")
-        return self._retained.pop(session_id, None) is not None
+        kept = self._retained.pop(session_id, None)
+        if kept is None:
+            return False
+        kept[1]._unmeter()
+        return True
 
     # -- the runtime's side ------------------------------------------------------
 
@@ -499,10 +564,11 @@ class SessionRegistry:
         """Called once when `session` finishes: start its retention clock."""
         self._live.pop(session.id, None)
         if self.retention <= 0:
+            session._unmeter()
             return
         self._retained[session.id] = (time.monotonic() + self.retention, session)
         while len(self._retained) > self.max_retained:
-            self._retained.popitem(last=False)
+            self._retained.popitem(last=False)[1][1]._unmeter()
 
     def reap(self, now: float | None = None) -> int:
         """Remove the finished sessions whose retention time has passed."""
@@ -510,10 +576,11 @@ class SessionRegistry:
         removed = 0
         retained = self._retained
         while retained:
-            session_id, (expiry, _) = next(iter(retained.items()))
+            session_id, (expiry, session) = next(iter(retained.items()))
             if expiry > now:
                 break
             del retained[session_id]
+            session._unmeter()
             removed += 1
         return removed
 

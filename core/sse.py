@@ -60,19 +60,32 @@ class ChunkEncoder:
         return b"id: %d\ndata: %s,\"choices\":[],\"usage\":%s}\n\n" % (offset, self._head, orjson.dumps(usage.to_openai()))
 
 
+class SSEBoundError(ValueError):
+    """A stream exceeded one of the decoder's bounds."""
+
+
 class SSEDecoder:
     """Splits a byte stream of Server-Sent Events into their `data` payloads.
 
     Fed raw bytes as they arrive (any split), it returns the data of every event
     completed so far (the `data:` lines of one event joined with newlines). Other
-    fields (`id:`, `event:`, comments) are skipped. The partial line it holds is
-    bounded by `max_line`.
+    fields (`id:`, `event:`, comments) are skipped. What it holds is bounded: the
+    partial line by `max_line`, the data of the event being read by `max_event`
+    (both 1 MiB by default); past either, `feed` raises `SSEBoundError`, and a
+    stream that sends one line or one event without end cannot grow it.
     """
 
-    def __init__(self, max_line: int = 16 * 1024 * 1024) -> None:
+    def __init__(self, max_line: int = 1024 * 1024, max_event: int = 1024 * 1024) -> None:
         self._buffer = b""
         self._data: list[bytes] = []
+        self._event_bytes = 0
         self.max_line = max_line
+        self.max_event = max_event
+
+    @property
+    def pending(self) -> bool:
+        """Whether an event (or a line) has begun and not ended yet."""
+        return bool(self._buffer or self._data)
 
     def feed(self, chunk: bytes) -> list[bytes]:
         events: list[bytes] = []
@@ -90,12 +103,21 @@ class SSEDecoder:
                 if self._data:
                     events.append(self._data[0] if len(self._data) == 1 else b"\n".join(self._data))
                     self._data = []
+                    self._event_bytes = 0
             elif line.startswith(b"data:"):
                 value = line[5:]
-                self._data.append(value[1:] if value.startswith(b" ") else value)
+                value = value[1:] if value.startswith(b" ") else value
+                self._event_bytes += len(value) + 1
+                if self._event_bytes > self.max_event:
+                    self._data = []
+                    self._buffer = b""
+                    raise SSEBoundError(f"an event is larger than {self.max_event} bytes")
+                self._data.append(value)
         self._buffer = buffer[start:]
         if len(self._buffer) > self.max_line:
-            raise ValueError(f"an SSE line is longer than {self.max_line} bytes")
+            self._buffer = b""
+            self._data = []
+            raise SSEBoundError(f"a line is longer than {self.max_line} bytes")
         return events
 
     def close(self) -> list[bytes]:

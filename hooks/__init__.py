@@ -34,7 +34,7 @@ from streamvisor.core.logs import log_context
 from streamvisor.core.metrics import Labelled
 from streamvisor.core.providers import ModelInfo, Provider, ProviderRegistry, Route
 from streamvisor.core.sessions import Session, SessionRegistry, unwrap
-from streamvisor.core.sse import SSEDecoder
+from streamvisor.core.sse import SSEBoundError, SSEDecoder
 from streamvisor.core.web import ADMIN_KEY_ENV, admin_key, json_response, read_json, require_admin
 
 from .manager import BUILTIN_PLUGINS, DEFAULT_STACK, ENTRY_POINT_GROUP, LoadedPlugin, PluginHost  # noqa: F401 (the host's, for the CLI and tests)
@@ -60,6 +60,7 @@ __all__ = [
     "Route",
     "httpclient",
     "SSEDecoder",
+    "SSEBoundError",
     # sessions and events
     "Session",
     "SessionRegistry",

@@ -98,6 +98,7 @@ class PluginHost:
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(specs)
         self.plugins: dict[str, LoadedPlugin] = {}
+        self._owners: tuple[dict[Any, str], dict[str, str]] | None = None
 
     # -- loading -----------------------------------------------------------------
 
@@ -198,6 +199,54 @@ class PluginHost:
 
     def __iter__(self) -> Iterator[LoadedPlugin]:
         return iter(sorted(self.plugins.values(), key=lambda p: p.order))
+
+    # -- whose code was it ---------------------------------------------------------
+
+    def blame(self, exc: BaseException) -> str | None:
+        """The plugin whose code raised `exc`: the one that owns the innermost
+        frame of its traceback owned by any plugin (library and core frames are
+        passed over). Used on the failure path only, so it costs nothing while
+        streams work."""
+        if self._owners is None:
+            self._owners = self._index_code()
+        codes, modules = self._owners
+        frames = []
+        tb = exc.__traceback__
+        while tb is not None:
+            frames.append(tb.tb_frame)
+            tb = tb.tb_next
+        for frame in reversed(frames):
+            owner = codes.get(frame.f_code) or modules.get(frame.f_globals.get("__name__", ""))
+            if owner is not None:
+                return owner
+        return None
+
+    def _index_code(self) -> tuple[dict[Any, str], dict[str, str]]:
+        """Code objects of each plugin's class (its methods and the functions
+        defined in them), and the modules that hold one plugin only."""
+        codes: dict[Any, str] = {}
+        by_module: dict[str, set[str]] = {}
+        for loaded in self.plugins.values():
+            plugin = loaded.plugin
+            module = plugin.__name__ if inspect.ismodule(plugin) else type(plugin).__module__
+            by_module.setdefault(module, set()).add(loaded.name)
+            if inspect.ismodule(plugin):
+                continue
+            for cls in type(plugin).__mro__[:-1]:
+                for value in vars(cls).values():
+                    function = getattr(value, "__func__", value)
+                    code = getattr(function, "__code__", None)
+                    if code is not None:
+                        _walk_code(code, loaded.name, codes)
+        modules = {module: next(iter(names)) for module, names in by_module.items() if len(names) == 1}
+        return codes, modules
+
+
+def _walk_code(code: Any, owner: str, codes: dict[Any, str]) -> None:
+    codes.setdefault(code, owner)
+    for const in code.co_consts:
+        if hasattr(const, "co_code"):
+            _walk_code(const, owner, codes)
 
 
 def _import(path: str) -> Any:

@@ -118,7 +118,7 @@ async def _maybe_await(value: Any) -> Any:
     return value
 
 
-def _as_health(value: Any) -> Health:
+def _as_health(value: Any) -> Health:  # a provider's probe() result
     if isinstance(value, Health):
         return value
     if isinstance(value, bool):
@@ -288,29 +288,11 @@ class HealthPlugin:
         return Health(not over, detail)
 
     async def run_checks(self) -> list[CheckResult]:
-        """Run every registered check at once, each under `check_timeout_seconds`."""
-        checks = self.runtime.health_checks
-        results: dict[str, CheckResult] = {}
-        timeout = self.settings.check_timeout_seconds
-
-        async def run(name: str, check: Callable[[], Any]) -> None:
-            t0 = time.perf_counter()
-            ok: bool
-            detail: Any
-            try:
-                with trio.move_on_after(timeout) as scope:
-                    health = _as_health(await _maybe_await(check()))
-                    ok, detail = health.ok, health.detail
-                if scope.cancelled_caught:
-                    ok, detail = False, f"did not answer within {timeout:g} s"
-            except Exception as exc:  # a broken check means not ready, with the reason
-                ok, detail = False, f"raised {describe(exc)}"
-            results[name] = CheckResult(name, ok, detail, round((time.perf_counter() - t0) * 1000, 3))
-
-        async with trio.open_nursery() as nursery:
-            for name, check in checks.items():
-                nursery.start_soon(run, name, check)
-        return [results[name] for name in checks]
+        """Every registered check, run by the runtime at once, each under
+        `check_timeout_seconds` (a check that raises or hangs counts as a fault
+        of its plugin, and as not ready)."""
+        results = await self.runtime.check_health(self.settings.check_timeout_seconds)
+        return [CheckResult(name, health.ok, health.detail, ms) for name, (health, ms) in results.items()]
 
     # -- routes and panel -------------------------------------------------------------
 

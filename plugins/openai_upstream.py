@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator
 from urllib.parse import urlsplit
@@ -31,6 +32,7 @@ from streamvisor.hooks import (
     Health,
     ModelInfo,
     RateLimited,
+    SSEBoundError,
     SSEDecoder,
     UpstreamError,
     UpstreamTimeout,
@@ -44,6 +46,8 @@ log = logging.getLogger("streamvisor.plugins.openai")
 
 _ERROR_BODY_LIMIT = 64 * 1024
 _JSON = (("Content-Type", "application/json"),)
+#: Content types no OpenAI stream comes in (a proxy's or a login page).
+_NOT_A_STREAM = frozenset({"text/html", "application/xhtml+xml"})
 
 
 def _http_url(instance: Any, attribute: attrs.Attribute, value: str) -> None:
@@ -90,6 +94,14 @@ class Upstream:
     verify: bool = True
     ca_file: str | None = attrs.field(default=None, validator=_existing_file)
     headers: dict[str, str] = attrs.field(factory=dict, validator=_header_values)
+    #: The largest event (and line) of the upstream's stream; a larger one fails
+    #: the stream with upstream_error instead of growing the server's memory.
+    max_event_bytes: int = attrs.field(default=1024 * 1024, validator=positive)
+    #: An event the upstream has begun must end within this many seconds (a
+    #: drip of one byte a second never trips read_timeout).
+    event_timeout: float = attrs.field(default=60.0, validator=positive)
+    #: The longest one response may stream.
+    max_stream_seconds: float = attrs.field(default=3600.0, validator=positive)
 
 
 @attrs.frozen
@@ -111,12 +123,64 @@ def _error_message(body: bytes) -> str:
     return str(data)[:500]
 
 
-def _usage(data: dict[str, Any]) -> Usage:
+def _usage(data: Any) -> Usage:
+    if not isinstance(data, dict):
+        raise TypeError(f"usage is a {type(data).__name__}, not an object")
     details = data.get("completion_tokens_details") or {}
+    if not isinstance(details, dict):
+        raise TypeError("usage.completion_tokens_details is not an object")
     return Usage(
-        prompt_tokens=int(data.get("prompt_tokens") or 0),
-        completion_tokens=int(data.get("completion_tokens") or 0),
-        reasoning_tokens=int(details.get("reasoning_tokens") or 0),
+        prompt_tokens=_count(data.get("prompt_tokens")),
+        completion_tokens=_count(data.get("completion_tokens")),
+        reasoning_tokens=_count(details.get("reasoning_tokens")),
+    )
+
+
+def _count(value: Any) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"a token count is {value!r}, not a whole number")
+    return value
+
+
+def _text(choice: dict[str, Any], delta: dict[str, Any], name: str) -> str | None:
+    value = delta.get(name)
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"delta.{name} is a {type(value).__name__}, not a string")
+    return value
+
+
+def _parse_chunk(chunk: dict[str, Any]) -> Delta | None:
+    """A chat.completion.chunk as a Delta; TypeError or ValueError when a field
+    has the wrong type."""
+    usage = chunk.get("usage")
+    choices = chunk.get("choices")
+    if choices is None:
+        choices = []
+    if not isinstance(choices, list):
+        raise TypeError(f"choices is a {type(choices).__name__}, not an array")
+    if not choices:
+        return Delta(usage=_usage(usage)) if usage else None
+    choice = choices[0]
+    if not isinstance(choice, dict):
+        raise TypeError(f"choices[0] is a {type(choice).__name__}, not an object")
+    delta = choice.get("delta") or {}
+    if not isinstance(delta, dict):
+        raise TypeError(f"choices[0].delta is a {type(delta).__name__}, not an object")
+    tool_calls = delta.get("tool_calls")
+    if tool_calls is not None and not isinstance(tool_calls, list):
+        raise TypeError("delta.tool_calls is not an array")
+    finish = choice.get("finish_reason")
+    if finish is not None and not isinstance(finish, str):
+        raise TypeError("finish_reason is not a string")
+    return Delta(
+        content=_text(choice, delta, "content"),
+        reasoning=_text(choice, delta, "reasoning_content") or _text(choice, delta, "reasoning"),
+        role=_text(choice, delta, "role"),
+        tool_calls=tool_calls,
+        finish_reason=finish,
+        usage=_usage(usage) if usage else None,
     )
 
 
@@ -195,37 +259,63 @@ class OpenAIUpstream:
         return Health(ok, f"answered {status}" if ok else f"answered {status} to GET models")
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
+        upstream = self.upstream
         body = request.to_openai()
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
+        deadline = time.monotonic() + upstream.max_stream_seconds
         try:
             async with self.client.stream("POST", "chat/completions", body=orjson.dumps(body), headers=_JSON) as response:
                 if response.status >= 400:
                     raise await self._status_error(response)
+                kind = response.headers.get("content-type", "").split(";")[0].strip().lower()
+                if kind in _NOT_A_STREAM:
+                    raise UpstreamError(f"Upstream '{self.name}' answered {response.status} with {kind}, not an event stream.")
+                decoder = SSEDecoder(max_line=upstream.max_event_bytes, max_event=upstream.max_event_bytes)
+                # A slow drip keeps every read under read_timeout: an event
+                # begun must end within event_timeout, and the whole stream
+                # within max_stream_seconds.
+                event_started: float | None = None
+                done = finished = False
                 # After [DONE] the body is still read to its end, so that the
                 # connection goes back to the pool instead of being closed.
-                decoder = SSEDecoder()
-                done = False
                 while raw := await response.receive():
+                    now = time.monotonic()
+                    if now > deadline:
+                        raise UpstreamTimeout(f"Upstream '{self.name}' streamed for longer than max_stream_seconds ({upstream.max_stream_seconds:g} s).")
                     for data in decoder.feed(raw):
                         if done or data == b"[DONE]":
                             done = True
                             continue
                         delta = self._delta(data)
                         if delta is not None:
+                            finished = finished or delta.finish_reason is not None
                             yield delta
+                    if not decoder.pending:
+                        event_started = None
+                    elif event_started is None:
+                        event_started = now
+                    elif now - event_started > upstream.event_timeout:
+                        raise UpstreamTimeout(f"Upstream '{self.name}' took longer than event_timeout ({upstream.event_timeout:g} s) to send one event.")
                 if not done:
                     for data in decoder.close():
-                        if data != b"[DONE]":
-                            delta = self._delta(data)
-                            if delta is not None:
-                                yield delta
+                        if data == b"[DONE]":
+                            done = True
+                            continue
+                        delta = self._delta(data)
+                        if delta is not None:
+                            finished = finished or delta.finish_reason is not None
+                            yield delta
+                if not (done or finished):
+                    # The body ended before the answer did: a cut connection, a
+                    # proxy's page, anything but an OpenAI stream.
+                    raise UpstreamError(f"Upstream '{self.name}' ended its stream before [DONE] or a finish_reason.")
         except httpclient.TimeoutError as exc:
             raise UpstreamTimeout(f"Upstream '{self.name}' timed out: {exc}.") from exc
         except httpclient.TransportError as exc:
             raise UpstreamError(f"Upstream '{self.name}' is unreachable or broke the connection ({type(exc).__name__}: {exc}).") from exc
-        except ValueError as exc:  # the SSE decoder's line bound
-            raise UpstreamError(f"Upstream '{self.name}' sent a malformed stream: {exc}.") from exc
+        except SSEBoundError as exc:
+            raise UpstreamError(f"Upstream '{self.name}' sent a malformed stream: {exc} (max_event_bytes = {upstream.max_event_bytes}).") from exc
 
     def _delta(self, data: bytes) -> Delta | None:
         try:
@@ -236,20 +326,10 @@ class OpenAIUpstream:
             raise UpstreamError(f"Upstream '{self.name}' sent a chunk that is not a JSON object.")
         if "error" in chunk:
             raise UpstreamError(f"Upstream '{self.name}' failed mid-stream: {_error_message(data)}")
-        usage = chunk.get("usage")
-        choices = chunk.get("choices") or ()
-        if not choices:
-            return Delta(usage=_usage(usage)) if usage else None
-        choice = choices[0]
-        delta = choice.get("delta") or {}
-        return Delta(
-            content=delta.get("content"),
-            reasoning=delta.get("reasoning_content") or delta.get("reasoning"),
-            role=delta.get("role"),
-            tool_calls=delta.get("tool_calls"),
-            finish_reason=choice.get("finish_reason"),
-            usage=_usage(usage) if usage else None,
-        )
+        try:
+            return _parse_chunk(chunk)
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+            raise UpstreamError(f"Upstream '{self.name}' sent a chunk of the wrong shape ({exc}).") from None
 
     async def _status_error(self, response: httpclient.Response) -> APIError:
         body = await response.read(_ERROR_BODY_LIMIT)

@@ -36,6 +36,8 @@ RUNTIME_PUBLIC = {
     "metrics",
     "faults",
     "health_checks",
+    "check_health",
+    "buffers",
     "status_panels",
     "plugin_status",
     "open_session",

@@ -139,14 +139,15 @@ class HopelessService:
         register("hopeless", hopeless)
 
 
-def test_a_service_that_keeps_crashing_stops_the_server():
-    from .conftest import ServerThread, make_config
+def test_a_plugin_whose_service_keeps_crashing_loses_it_and_the_server_goes_on():
+    toml = "[plugins.hopeless]\n[plugins.scripted]"
+    with start_server(toml, plugins={"hopeless": HopelessService()}, restart_intensity=2, restart_period_seconds=30) as server:
+        def status():
+            return next(p for p in server.runtime.plugin_status() if p["name"] == "hopeless")
 
-    server = ServerThread(make_config("[plugins.hopeless]\n[plugins.scripted]", restart_intensity=2, restart_period_seconds=30), {"hopeless": HopelessService()})
-    server.start()
-    server._thread.join(15)
-    assert not server.alive
-    assert server.error is not None
-    assert "hopeless" in repr(server.error) and "SupervisorEscalation" in repr(server.error)
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(server.url + "/v1/models")
+        server.wait_for(lambda: status()["faults"].get("services"), timeout=15)
+        hopeless = server.call(status)
+        reply = server.openai().chat.completions.create(model="scripted", messages=[{"role": "user", "content": "x"}])
+    assert hopeless["services"]["hopeless"]["starts"] == 3 and not hopeless["services"]["hopeless"]["running"]
+    assert "gave up" in hopeless["faults"]["services"]["last_error"]
+    assert reply.choices[0].message.content
