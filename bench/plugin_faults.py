@@ -24,7 +24,7 @@ import attrs
 import httpx
 import trio
 
-from streamvisor.hooks import Delta, hookimpl, listens_to
+from streamvisor.hooks import hookimpl, listens_to
 
 HOOKS = (
     "startup",

@@ -5,7 +5,6 @@ that once grew the server's memory by 50 MB a request, several times."""
 from __future__ import annotations
 
 import gc
-import time
 
 import pytest
 
