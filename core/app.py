@@ -6,6 +6,7 @@ envelope. Streaming responses have quart's response timeout switched off (it wou
 cut a stream at 60 s) and are bound to their session: when the client goes away,
 the handler is cancelled and the session is cancelled with it.
 
+`GET /openapi.json` describes every route, plugin routes included (core/openapi.py).
 Plugin routes are added after the core routes. An exception from a plugin's view
 that is not an `APIError` is a fault of that plugin: counted, logged, and
 answered with a 500 envelope like any other.
@@ -23,12 +24,13 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import attrs
+import orjson
 import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import sse
+from . import openapi, sse
 from .chat import ChatRequest
 from .errors import APIError, InternalError, MethodNotAllowed, NotFound, PayloadTooLarge
 from .logs import request_id_var, session_id_var
@@ -67,7 +69,9 @@ def _http_error(exc: HTTPException) -> APIError:
 
 
 def create_app(runtime: Runtime) -> QuartTrio:
-    app = QuartTrio("streamvisor.core.app", root_path=str(Path(__file__).parent))
+    # No static folder: quart would serve /static/<path:filename>, a route
+    # nobody asked for and that /openapi.json would have to describe.
+    app = QuartTrio("streamvisor.core.app", root_path=str(Path(__file__).parent), static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = runtime.config.server.max_body_bytes
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.extensions["streamvisor"] = runtime
@@ -78,7 +82,7 @@ def create_app(runtime: Runtime) -> QuartTrio:
     async def start_request() -> None:
         g.t0 = time.perf_counter()
         given = request.headers.get("X-Request-ID", "")
-        g.request_id = given if _SANE_REQUEST_ID.match(given) else uuid.uuid4().hex
+        g.request_id = given if _SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         request_id_var.set(g.request_id)
 
     @app.after_request
@@ -86,6 +90,11 @@ def create_app(runtime: Runtime) -> QuartTrio:
         request_id = getattr(g, "request_id", None)
         if request_id:
             response.headers["X-Request-ID"] = request_id
+        if response.status_code >= 400 and (request.content_length or "Transfer-Encoding" in request.headers):
+            # A refusal (401, 404, 405, ...) may come before the body has arrived,
+            # and hypercorn then neither reuses nor closes the connection: the
+            # client's next request on it would wait forever.
+            response.headers["Connection"] = "close"
         t0 = getattr(g, "t0", None)
         if t0 is not None:
             elapsed = (time.perf_counter() - t0) * 1000
@@ -174,6 +183,14 @@ def create_app(runtime: Runtime) -> QuartTrio:
         body = session.to_json()
         body["stopped"] = stopped
         return json_response(body)
+
+    # The plugins registered their routes before the app is made: the document
+    # is complete now, and encoded once.
+    document = orjson.dumps(openapi.build(runtime.routes))
+
+    @app.get("/openapi.json")
+    async def openapi_document() -> Response:
+        return Response(document, content_type="application/json")
 
     for route in runtime.routes:
         app.add_url_rule(

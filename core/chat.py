@@ -123,7 +123,22 @@ def _check_message(i: int, message: Any) -> dict[str, Any]:
         )
     if content is None and role != "assistant":
         raise InvalidRequest(f"'{param}.content' is required for role '{role}'", param=f"{param}.content")
+    if isinstance(content, list):
+        for j, part in enumerate(content):
+            _check_part(f"{param}.content[{j}]", part)
     return message
+
+
+def _check_part(param: str, part: Any) -> None:
+    """A content part: an object with a string `type`; a text part's `text` is a
+    string (every provider and the usage estimate join them)."""
+    if not isinstance(part, dict):
+        raise InvalidRequest(f"'{param}' must be an object, got {type(part).__name__}", param=param)
+    kind = part.get("type")
+    if not isinstance(kind, str):
+        raise InvalidRequest(f"'{param}.type' is required and must be a string", param=f"{param}.type")
+    if kind == "text" and not isinstance(part.get("text"), str):
+        raise InvalidRequest(f"'{param}.text' is required and must be a string", param=f"{param}.text")
 
 
 def message_text(message: dict[str, Any]) -> str:

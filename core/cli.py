@@ -76,6 +76,8 @@ YOUNG_GC_THRESHOLD = 10_000
 class Listening:
     url: str
     runtime: Any
+    #: The quart app serving it (tests read its url_map).
+    app: Any = None
 
 
 async def serve(
@@ -112,9 +114,11 @@ async def serve(
             url = binds[0].replace("0.0.0.0", "127.0.0.1")
             models = ", ".join(m.id for m in runtime.providers.models()) or "none"
             # Its own logger, always at INFO: whatever log_level says, an operator
-            # (or a supervisor that passed --port 0) must learn the address.
-            logging.getLogger("streamvisor.ready").info("streamvisor listening on %s (models: %s)", url, models)
-            task_status.started(Listening(url, runtime))
+            # (or a supervisor that passed --port 0) must learn the address. It
+            # names the address bound, not the one to connect to: a server open
+            # on every interface must not read as if it were on loopback only.
+            logging.getLogger("streamvisor.ready").info("streamvisor listening on %s (models: %s)", binds[0], models)
+            task_status.started(Listening(url, runtime, app))
 
 
 async def _serve_until_signal(config: StreamvisorConfig) -> None:

@@ -2,6 +2,12 @@
 
 The ids live in context variables: trio copies the context into tasks it spawns,
 so a session actor started from a request handler logs with that request's id.
+
+A log message is one line whatever it quotes: control characters in the message
+and in the ids (a client's percent-encoded CR/LF in a path, an upstream's error
+text) are written escaped (`\\r`, `\\n`, `\\x1b`), so nobody who can send a
+request can forge a log line or a terminal escape. Tracebacks (`exc_info`) still
+span several lines.
 """
 
 from __future__ import annotations
@@ -9,7 +15,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-from typing import Iterator
+import re
+from typing import Any, Iterator
 
 import orjson
 
@@ -17,13 +24,54 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 session_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("session_id", default="-")
 
 
+#: What could end a line or drive a terminal: C0 and C1 control characters
+#: (tab included), DEL, and Unicode's line and paragraph separators.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters escaped (CR/LF as `\\r\\n`)."""
+    # isprintable() is a fast scan in C and true for almost every message.
+    return text if text.isprintable() else _UNSAFE.sub(_escaped, text)
+
+
+class _OneLineRecord(logging.LogRecord):
+    def getMessage(self) -> str:
+        # Escaped when formatted, not when logged: a record no handler writes
+        # costs nothing more, and `msg` and `args` stay as the caller gave them.
+        return one_line(super().getMessage())
+
+
+def _one_line_class(cls: type[logging.LogRecord]) -> type[logging.LogRecord]:
+    """A subclass of `cls` whose messages are escaped, for records made by a
+    factory installed before this module's."""
+    get_message = cls.getMessage
+
+    def getMessage(self: logging.LogRecord) -> str:
+        return one_line(get_message(self))
+
+    return type(cls.__name__, (cls,), {"getMessage": getMessage})
+
+
 _base_factory = logging.getLogRecordFactory()
+_one_line_classes: dict[type, type] = {_OneLineRecord: _OneLineRecord}
 
 
-def _record_with_ids(*args: object, **kwargs: object) -> logging.LogRecord:
-    record = _base_factory(*args, **kwargs)
-    record.request_id = request_id_var.get()
-    record.session_id = session_id_var.get()
+def _record_with_ids(*args: Any, **kwargs: Any) -> logging.LogRecord:
+    if _base_factory is logging.LogRecord:
+        record: logging.LogRecord = _OneLineRecord(*args, **kwargs)
+    else:
+        record = _base_factory(*args, **kwargs)
+        cls = type(record)
+        if cls not in _one_line_classes:
+            _one_line_classes[cls] = _one_line_class(cls)
+        record.__class__ = _one_line_classes[cls]
+    record.request_id = one_line(request_id_var.get())
+    record.session_id = one_line(session_id_var.get())
     return record
 
 

@@ -36,6 +36,7 @@ from .errors import InternalError, Overloaded
 from .events import EventDispatcher
 from .faults import PluginError, PluginFaults
 from .health import Health, HealthCheck
+from .openapi import plugin_operations
 from .providers import ProviderRegistry
 from .sessions import BufferMeter, Session, SessionActor, SessionRegistry, StreamFn, TransformerFactory, new_id, unwrap
 from .supervisor import ChildSpec, Restart, Supervisor, SupervisorEscalation
@@ -55,6 +56,9 @@ class PluginRoute:
     path: str
     view: Callable[..., Any]
     methods: tuple[str, ...]
+    #: The OpenAPI operation of each method the plugin described (upper-case
+    #: method names); GET /openapi.json gives the others a generic one.
+    openapi: Mapping[str, dict[str, Any]] = attrs.field(factory=dict)
 
 
 def compose(middlewares: list[tuple[str, Middleware]], endpoint: StreamFn, session: Session, faults: PluginFaults) -> StreamFn:
@@ -247,12 +251,15 @@ class Runtime:
             raise TypeError(f"the chunk transformer factory {factory!r} is not callable")
         self._transformers.append((plugin, factory))
 
-    def _add_route(self, plugin: str, path: str, view: Callable[..., Any], methods: tuple[str, ...] | list[str] = ("GET",)) -> None:
+    def _add_route(
+        self, plugin: str, path: str, view: Callable[..., Any], methods: tuple[str, ...] | list[str] = ("GET",), *, openapi: Any = None
+    ) -> None:
         if not isinstance(path, str) or not path.startswith("/"):
             raise TypeError(f"a route's path is a string starting with '/', not {path!r}")
         if not callable(view):
             raise TypeError(f"the view of route {path} is {view!r}, not an async function")
-        self._routes.append(PluginRoute(plugin, path, view, tuple(methods)))
+        methods = tuple(methods)
+        self._routes.append(PluginRoute(plugin, path, view, methods, plugin_operations(openapi, methods, path)))
 
     def _add_service(self, plugin: str, name: str, run: Callable[[], Any], restart: str = "permanent") -> None:
         if not callable(run):

@@ -448,8 +448,14 @@ class SessionActor:
         if session.usage is None:
             # The provider gave no counts (it failed or was cut off before its
             # usage chunk): estimate them rather than record zero.
-            text = sum(len(d.content or "") + len(d.reasoning or "") for d in session.chunks)
-            session.usage = Usage(session.request.estimate_prompt_tokens(), (text + 3) // 4, exact=False)
+            try:
+                text = sum(len(d.content or "") + len(d.reasoning or "") for d in session.chunks)
+                session.usage = Usage(session.request.estimate_prompt_tokens(), (text + 3) // 4, exact=False)
+            except Exception:
+                # A delta or a request of the wrong types (a plugin's garbage): an
+                # exception here would escape the actor and stop the whole server.
+                log.exception("session %s: its usage could not be estimated", session.id)
+                session.usage = Usage(0, 0, exact=False)
         if session.error is not None:
             state = "failed"
         elif not self.completed:

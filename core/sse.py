@@ -71,8 +71,9 @@ class SSEDecoder:
     completed so far (the `data:` lines of one event joined with newlines). Other
     fields (`id:`, `event:`, comments) are skipped. What it holds is bounded: the
     partial line by `max_line`, the data of the event being read by `max_event`
-    (both 1 MiB by default); past either, `feed` raises `SSEBoundError`, and a
-    stream that sends one line or one event without end cannot grow it.
+    (both 1 MiB by default); past either, `feed` raises `SSEBoundError` and lets
+    go of all it held, and a stream that sends one line or one event without end
+    cannot grow it.
     """
 
     def __init__(self, max_line: int = 1024 * 1024, max_event: int = 1024 * 1024) -> None:
@@ -109,16 +110,20 @@ class SSEDecoder:
                 value = value[1:] if value.startswith(b" ") else value
                 self._event_bytes += len(value) + 1
                 if self._event_bytes > self.max_event:
-                    self._data = []
-                    self._buffer = b""
+                    self._reset()
                     raise SSEBoundError(f"an event is larger than {self.max_event} bytes")
                 self._data.append(value)
         self._buffer = buffer[start:]
         if len(self._buffer) > self.max_line:
-            self._buffer = b""
-            self._data = []
+            self._reset()
             raise SSEBoundError(f"a line is longer than {self.max_line} bytes")
         return events
+
+    def _reset(self) -> None:
+        # All of it: an event size left behind would refuse every later event.
+        self._buffer = b""
+        self._data = []
+        self._event_bytes = 0
 
     def close(self) -> list[bytes]:
         """The last event, when the stream ended without its blank line."""

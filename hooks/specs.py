@@ -89,9 +89,10 @@ def register_chunk_transformers(register, runtime):
 def register_routes(register, runtime):
     """Add HTTP routes.
 
-    :param register: call ``register(path, view, methods=("GET",))``; ``view`` is an
-        async quart view function. Raise `APIError` for an error response in the
-        OpenAI envelope.
+    :param register: call ``register(path, view, methods=("GET",), openapi=None)``;
+        ``view`` is an async quart view function, ``openapi`` an optional OpenAPI
+        operation object (or one per method) for ``GET /openapi.json``. Raise
+        `APIError` for an error response in the OpenAI envelope.
     """
 
 

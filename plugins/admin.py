@@ -65,6 +65,167 @@ class Settings:
     max_listed_sessions: int = attrs.field(default=1000, validator=positive)
 
 
+# -- the routes' OpenAPI operations ---------------------------------------------------
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _admin_operation(summary: str, description: str, body: dict[str, Any], **more: Any) -> dict[str, Any]:
+    """An operation of a keyed route: the bearer scheme, and its 401 and 403."""
+    return {
+        "summary": summary,
+        "description": description,
+        # The scheme GET /openapi.json declares for STREAMVISOR_ADMIN_KEY.
+        "security": [{"adminKey": []}],
+        **more,
+        "responses": {
+            "200": {"description": summary + ".", "content": {"application/json": {"schema": body}}},
+            **({"400": _error("The body is not what the route takes (`param` names the field).")} if "requestBody" in more else {}),
+            "401": _error("A missing or wrong admin key."),
+            "403": _error(f"Admin routes are disabled: {ADMIN_KEY_ENV} is not set."),
+        },
+    }
+
+
+_SESSION_SUMMARY = {
+    "type": "object",
+    "properties": {
+        "id": {"type": "string"},
+        "state": {"type": "string"},
+        "model": {"type": "string"},
+        "provider": {"type": "string"},
+        "identity": {"type": "string"},
+        "usage": {"type": ["object", "null"]},
+        "reason": {"enum": ["idle", "finished"]},
+        "idle_seconds": {"type": "number"},
+    },
+}
+
+STATUS_OPENAPI = _admin_operation(
+    "The server's status",
+    "Uptime, session counts, providers and models, and every plugin's status panels.",
+    {
+        "type": "object",
+        "required": ["uptime_seconds", "sessions", "providers", "models", "panels"],
+        "properties": {
+            "uptime_seconds": {"type": "number"},
+            "started_at": {"type": "number"},
+            "sessions": {"type": "object", "properties": {"live": {"type": "integer"}, "retained": {"type": "integer"}}},
+            "providers": {
+                "type": "array",
+                "items": {"type": "object", "properties": {"name": {"type": "string"}, "models": {"type": "array", "items": {"type": "string"}}}},
+            },
+            "models": {"type": "array", "items": {"type": "string"}},
+            "panels": {"type": "object", "description": "{plugin: {panel: value}}", "additionalProperties": {"type": "object"}},
+        },
+    },
+)
+
+SESSIONS_STATUS_OPENAPI = _admin_operation(
+    "Live sessions",
+    "The live sessions, oldest first (at most `max_listed_sessions`), with their age and idle time, and counts by state.",
+    {
+        "type": "object",
+        "required": ["sessions", "counts"],
+        "properties": {
+            "sessions": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "request_id": {"type": "string"},
+                        "state": {"type": "string"},
+                        "model": {"type": "string"},
+                        "provider": {"type": "string"},
+                        "identity": {"type": "string"},
+                        "created": {"type": "integer"},
+                        "age_seconds": {"type": "number"},
+                        "idle_seconds": {"type": ["number", "null"]},
+                        "chunks": {"type": "integer"},
+                        "usage": {"type": ["object", "null"]},
+                    },
+                },
+            },
+            "counts": {
+                "type": "object",
+                "properties": {
+                    "live": {"type": "integer"},
+                    "retained": {"type": "integer"},
+                    "by_state": {"type": "object", "additionalProperties": {"type": "integer"}},
+                    "listed": {"type": "integer"},
+                    "truncated": {"type": "boolean"},
+                },
+            },
+        },
+    },
+)
+
+CLEANUP_OPENAPI = _admin_operation(
+    "Clean up sessions",
+    "Cancels live sessions idle for longer than `idle_seconds` and forgets finished ones; the body (optional) says what to do.",
+    {
+        "type": "object",
+        "required": ["idle_seconds", "cancelled", "removed", "counts"],
+        "properties": {
+            "idle_seconds": {"type": "number"},
+            "cancelled": {"type": "array", "items": _SESSION_SUMMARY},
+            "removed": {"type": "array", "items": _SESSION_SUMMARY},
+            "counts": {"type": "object", "properties": {"cancelled": {"type": "integer"}, "removed": {"type": "integer"}}},
+        },
+    },
+    requestBody={
+        "required": False,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "idle_seconds": {
+                            "type": ["number", "null"],
+                            "minimum": 0,
+                            "description": "Cancel live sessions idle for longer than this (default: the `idle_seconds` setting).",
+                        },
+                        "idle": {"type": ["boolean", "null"], "default": True, "description": "Cancel idle live sessions."},
+                        "finished": {"type": ["boolean", "null"], "default": True, "description": "Forget finished sessions kept for retention."},
+                    },
+                }
+            }
+        },
+    },
+)
+
+PLUGINS_OPENAPI = _admin_operation(
+    "The loaded plugins",
+    "Each plugin in plugins.toml order: version, origin, contract, hooks, services, listener, errors and faults.",
+    {
+        "type": "object",
+        "required": ["plugins"],
+        "properties": {
+            "plugins": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "name": {"type": "string"},
+                        "version": {"type": ["string", "null"]},
+                        "origin": {"type": "string"},
+                        "contract": {"type": ["string", "null"]},
+                        "hooks": {"type": "array", "items": {"type": "string"}},
+                        "errors": {"type": "object"},
+                        "faults": {"type": "object"},
+                        "listener": {"type": ["object", "null"]},
+                        "services": {"type": "object"},
+                    },
+                },
+            }
+        },
+    },
+)
+
+
 class AdminPlugin:
     Settings = Settings
     streamvisor_contract = "1.0"
@@ -108,10 +269,10 @@ class AdminPlugin:
 
     @hookimpl
     def register_routes(self, register: Callable[..., None]) -> None:
-        register("/admin/status", require_admin(self.admin_status))
-        register("/admin/sessions/status", require_admin(self.sessions_status))
-        register("/admin/sessions/cleanup", require_admin(self.sessions_cleanup), methods=("POST",))
-        register("/admin/plugins", require_admin(self.plugins_status))
+        register("/admin/status", require_admin(self.admin_status), openapi=STATUS_OPENAPI)
+        register("/admin/sessions/status", require_admin(self.sessions_status), openapi=SESSIONS_STATUS_OPENAPI)
+        register("/admin/sessions/cleanup", require_admin(self.sessions_cleanup), methods=("POST",), openapi=CLEANUP_OPENAPI)
+        register("/admin/plugins", require_admin(self.plugins_status), openapi=PLUGINS_OPENAPI)
 
     # -- the watchdog ------------------------------------------------------------
 

@@ -131,6 +131,51 @@ def _jsonable(value: Any) -> Any:
     return orjson.loads(orjson.dumps(value, default=str))
 
 
+# -- the routes' OpenAPI operations ---------------------------------------------------
+
+_READINESS = {
+    "type": "object",
+    "required": ["status", "checks", "reasons"],
+    "properties": {
+        "status": {"enum": ["ready", "not_ready"]},
+        "checks": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["name", "ok"],
+                "properties": {
+                    "name": {"type": "string", "description": "PLUGIN:NAME"},
+                    "ok": {"type": "boolean"},
+                    "detail": {"description": "What the check said (any JSON)."},
+                    "duration_ms": {"type": "number"},
+                },
+            },
+        },
+        "reasons": {"type": "array", "items": {"type": "string"}, "description": "One line per failed check."},
+    },
+}
+
+HEALTH_OPENAPI = {
+    "summary": "Liveness",
+    "description": "Answers while the server runs; no key.",
+    "responses": {
+        "200": {
+            "description": "The server is alive.",
+            "content": {"application/json": {"schema": {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}}}},
+        }
+    },
+}
+
+READY_OPENAPI = {
+    "summary": "Readiness",
+    "description": "Runs every readiness check any plugin registered, at once, each under `check_timeout_seconds`; no key.",
+    "responses": {
+        "200": {"description": "Every check passed.", "content": {"application/json": {"schema": _READINESS}}},
+        "503": {"description": "A check failed (`reasons` says which and why).", "content": {"application/json": {"schema": _READINESS}}},
+    },
+}
+
+
 class HealthPlugin:
     Settings = Settings
     streamvisor_contract = "1.0"
@@ -174,8 +219,8 @@ class HealthPlugin:
 
     @hookimpl
     def register_routes(self, register: Callable[..., None]) -> None:
-        register("/health", self.health)
-        register("/health/ready", self.ready)
+        register("/health", self.health, openapi=HEALTH_OPENAPI)
+        register("/health/ready", self.ready, openapi=READY_OPENAPI)
 
     @hookimpl
     def register_status_panels(self, register: Callable[..., None]) -> None:

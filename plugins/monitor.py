@@ -365,6 +365,114 @@ class _Metrics:
         )
 
 
+# -- the routes' OpenAPI operations ---------------------------------------------------
+
+_NULLABLE_MS = {"type": ["number", "null"]}
+
+_AGGREGATE = {
+    "type": "object",
+    "properties": {
+        "sessions": {"type": "integer"},
+        "by_outcome": {"type": "object", "additionalProperties": {"type": "integer"}},
+        "ttft_ms": {"type": "object", "properties": {"p50": _NULLABLE_MS, "p90": _NULLABLE_MS, "p99": _NULLABLE_MS, "samples": {"type": "integer"}}},
+        "tokens_per_second": {"type": "object", "properties": {"p50": _NULLABLE_MS, "samples": {"type": "integer"}}},
+        "gaps": {
+            "type": "object",
+            "properties": {
+                "count": {"type": "integer"},
+                "mean_ms": _NULLABLE_MS,
+                "max_ms": _NULLABLE_MS,
+                "histogram_seconds": {
+                    "type": "array",
+                    "items": {"type": "object", "properties": {"le": {"type": ["number", "string"]}, "count": {"type": "integer"}}},
+                },
+            },
+        },
+        "tokens": {"type": "object", "properties": {"prompt": {"type": "integer"}, "completion": {"type": "integer"}}},
+        "chunks": {"type": "integer"},
+        "bytes": {"type": "integer"},
+    },
+}
+
+METRICS_OPENAPI = {
+    "summary": "Prometheus metrics",
+    "description": "The runtime's Prometheus registry in the text exposition format: the core's HTTP histogram, the monitor's stream metrics and every other plugin's.",
+    "responses": {"200": {"description": "The metrics.", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+}
+
+SUMMARY_OPENAPI = {
+    "summary": "Stream statistics, overall and by model",
+    "description": "Counts since start-up, and percentiles over the last `summary_window` finished sessions of each model.",
+    "responses": {
+        "200": {
+            "description": "The summary.",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "allOf": [_AGGREGATE],
+                        "required": ["object", "live"],
+                        "properties": {
+                            "object": {"const": "monitor.summary"},
+                            "live": {"type": "integer"},
+                            "by_model": {"type": "object", "additionalProperties": _AGGREGATE},
+                            "window": {"type": "integer"},
+                            "tracked": {"type": "integer"},
+                            "untracked": {"type": "integer"},
+                        },
+                    }
+                }
+            },
+        }
+    },
+}
+
+SESSION_OPENAPI = {
+    "summary": "One session's stream statistics",
+    "description": "A live session's statistics so far, or a finished one's while the monitor retains it (`retained_sessions`).",
+    "parameters": [
+        {
+            "name": "session_id",
+            "in": "path",
+            "required": True,
+            "description": "A session id (the X-Session-ID header of a chat completion).",
+            "schema": {"type": "string", "pattern": "^[^/]+$"},
+        }
+    ],
+    "responses": {
+        "200": {
+            "description": "The session's statistics.",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["object", "session_id", "state"],
+                        "properties": {
+                            "object": {"const": "monitor.session"},
+                            "session_id": {"type": "string"},
+                            "request_id": {"type": "string"},
+                            "model": {"type": "string"},
+                            "provider": {"type": "string"},
+                            "state": {"type": "string"},
+                            "outcome": {"type": ["string", "null"]},
+                            "ttft_ms": _NULLABLE_MS,
+                            "duration_ms": _NULLABLE_MS,
+                            "chunks": {"type": "integer"},
+                            "bytes": {"type": "integer"},
+                            "gaps": {"type": "object"},
+                            "tokens": {"type": "object"},
+                        },
+                    }
+                }
+            },
+        },
+        "404": {
+            "description": "Unknown, finished but not yet recorded, or no longer retained.",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        },
+    },
+}
+
+
 class MonitorPlugin:
     Settings = Settings
     streamvisor_contract = "1.0"
@@ -394,9 +502,9 @@ class MonitorPlugin:
 
     @hookimpl
     def register_routes(self, register: Any) -> None:
-        register("/metrics", self.metrics_view)
-        register("/v1/monitor/summary", self.summary_view)
-        register("/v1/monitor/sessions/<session_id>", self.session_view)
+        register("/metrics", self.metrics_view, openapi=METRICS_OPENAPI)
+        register("/v1/monitor/summary", self.summary_view, openapi=SUMMARY_OPENAPI)
+        register("/v1/monitor/sessions/<session_id>", self.session_view, openapi=SESSION_OPENAPI)
 
     @hookimpl
     def register_status_panels(self, register: Any) -> None:

@@ -123,6 +123,12 @@ def _error_message(body: bytes) -> str:
     return str(data)[:500]
 
 
+def _credential_header(name: str) -> bool:
+    """Whether a configured header carries a credential (`api-key`, `X-Auth-Token`, ...)."""
+    name = name.lower()
+    return any(word in name for word in ("auth", "key", "token", "secret", "password", "cookie"))
+
+
 def _usage(data: Any) -> Usage:
     if not isinstance(data, dict):
         raise TypeError(f"usage is a {type(data).__name__}, not an object")
@@ -214,6 +220,10 @@ class OpenAIUpstream:
         headers = {"Accept": "text/event-stream", **upstream.headers}
         if upstream.api_key:
             headers["Authorization"] = f"Bearer {upstream.api_key}"
+        # An upstream's error text may quote the credentials it was sent ("invalid
+        # key sk-..."); what it says reaches clients and logs, so they are masked.
+        secrets = {upstream.api_key} | {v for k, v in upstream.headers.items() if _credential_header(k)}
+        self._secrets = sorted((s for s in secrets if s), key=len, reverse=True)
         self.client = httpclient.HTTPClient(
             upstream.base_url,
             headers=headers,
@@ -237,7 +247,7 @@ class OpenAIUpstream:
         try:
             response, body = await self.client.request("GET", "models")
             if response.status >= 400:
-                raise ValueError(f"it answered {response.status}: {_error_message(body)}")
+                raise ValueError(f"it answered {response.status}: {self._redact(_error_message(body))}")
             data = orjson.loads(body).get("data", [])
             return [ModelInfo(str(m["id"]), owned_by=self.name) for m in data if isinstance(m, dict) and "id" in m]
         except (httpclient.TransportError, ValueError, AttributeError) as exc:
@@ -313,7 +323,7 @@ class OpenAIUpstream:
         except httpclient.TimeoutError as exc:
             raise UpstreamTimeout(f"Upstream '{self.name}' timed out: {exc}.") from exc
         except httpclient.TransportError as exc:
-            raise UpstreamError(f"Upstream '{self.name}' is unreachable or broke the connection ({type(exc).__name__}: {exc}).") from exc
+            raise UpstreamError(f"Upstream '{self.name}' is unreachable or broke the connection ({type(exc).__name__}: {self._redact(str(exc))}).") from exc
         except SSEBoundError as exc:
             raise UpstreamError(f"Upstream '{self.name}' sent a malformed stream: {exc} (max_event_bytes = {upstream.max_event_bytes}).") from exc
 
@@ -325,15 +335,15 @@ class OpenAIUpstream:
         if not isinstance(chunk, dict):
             raise UpstreamError(f"Upstream '{self.name}' sent a chunk that is not a JSON object.")
         if "error" in chunk:
-            raise UpstreamError(f"Upstream '{self.name}' failed mid-stream: {_error_message(data)}")
+            raise UpstreamError(f"Upstream '{self.name}' failed mid-stream: {self._redact(_error_message(data))}")
         try:
             return _parse_chunk(chunk)
         except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
-            raise UpstreamError(f"Upstream '{self.name}' sent a chunk of the wrong shape ({exc}).") from None
+            raise UpstreamError(f"Upstream '{self.name}' sent a chunk of the wrong shape ({self._redact(str(exc))}).") from None
 
     async def _status_error(self, response: httpclient.Response) -> APIError:
         body = await response.read(_ERROR_BODY_LIMIT)
-        message = f"Upstream '{self.name}' answered {response.status}: {_error_message(body)}"
+        message = f"Upstream '{self.name}' answered {response.status}: {self._redact(_error_message(body))}"
         status = response.status
         if status == 429:
             retry_after = response.headers.get("retry-after")
@@ -342,6 +352,12 @@ class OpenAIUpstream:
             # The request itself was refused: the client can act on that.
             return APIError(message, status=status, code="upstream_rejected_request")
         return UpstreamError(message)
+
+    def _redact(self, text: str) -> str:
+        """`text` (the upstream's words) with this upstream's credentials masked."""
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
     async def aclose(self) -> None:
         await self.client.aclose()

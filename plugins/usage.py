@@ -381,6 +381,121 @@ def parse_filters(args: Any, extra: Iterable[str] = ()) -> Filters:
     return Filters(_name_param(args, "model"), _name_param(args, "provider"), _name_param(args, "identity"), since, until)
 
 
+# -- the routes' OpenAPI operations ---------------------------------------------------
+
+_ERROR = {"description": "A bad query parameter (`param` names it).", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+_FILTER_PARAMETERS = [
+    *(
+        _query(name, f"Only sessions of this {name}.", {"type": "string", "minLength": 1, "maxLength": MAX_FILTER_CHARS})
+        for name in ("model", "provider", "identity")
+    ),
+    _query("since", "Only sessions that finished at or after this unix time (seconds).", {"type": "number", "minimum": 0}),
+    _query("until", "Only sessions that finished before this unix time (seconds); not before `since`.", {"type": "number", "minimum": 0}),
+]
+
+_TALLY = {
+    "type": "object",
+    "properties": {
+        "sessions": {"type": "integer"},
+        "prompt_tokens": {"type": "integer"},
+        "completion_tokens": {"type": "integer"},
+        "reasoning_tokens": {"type": "integer"},
+        "total_tokens": {"type": "integer"},
+        "duration_ms": {"type": "number"},
+        "exact": {"type": "boolean", "description": "False when some sessions' counts were estimated."},
+        "estimated_sessions": {"type": "integer"},
+        "outcomes": {"type": "object", "properties": {outcome: {"type": "integer"} for outcome in OUTCOMES}},
+    },
+}
+
+_FILTERS_JSON = {"type": "object", "properties": {name: {"type": ["string", "null"] if name in ("model", "provider", "identity") else ["number", "null"]} for name in FILTERS}}
+
+USAGE_OPENAPI = {
+    "summary": "Token usage of finished sessions",
+    "description": "Totals and breakdowns by model, provider and identity. Sessions older than the ledger's retention are counted at the resolution of their time bucket; `complete` is false when part of the window lies where only all-time tallies are left.",
+    "parameters": _FILTER_PARAMETERS,
+    "responses": {
+        "200": {
+            "description": "The usage the filters select.",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["object", "totals", "complete"],
+                        "properties": {
+                            "object": {"const": "usage"},
+                            "filters": _FILTERS_JSON,
+                            "totals": _TALLY,
+                            "by_model": {"type": "object", "additionalProperties": _TALLY},
+                            "by_provider": {"type": "object", "additionalProperties": _TALLY},
+                            "by_identity": {"type": "object", "additionalProperties": _TALLY},
+                            "complete": {"type": "boolean"},
+                            "ledger": {"type": "object"},
+                        },
+                    }
+                }
+            },
+        },
+        "400": _ERROR,
+    },
+}
+
+SESSIONS_OPENAPI = {
+    "summary": "Usage records of recently finished sessions",
+    "description": "The individual records the ledger still keeps (not yet folded), newest first.",
+    "parameters": [
+        *_FILTER_PARAMETERS,
+        _query("limit", f"At most this many records (default {DEFAULT_LISTED}).", {"type": "integer", "minimum": 1, "maximum": MAX_LISTED}),
+    ],
+    "responses": {
+        "200": {
+            "description": "The records.",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["object", "data"],
+                        "properties": {
+                            "object": {"const": "list"},
+                            "data": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "properties": {
+                                        "session_id": {"type": "string"},
+                                        "request_id": {"type": "string"},
+                                        "model": {"type": "string"},
+                                        "provider": {"type": "string"},
+                                        "identity": {"type": "string"},
+                                        "outcome": {"enum": list(OUTCOMES)},
+                                        "finished_at": {"type": "number"},
+                                        "prompt_tokens": {"type": "integer"},
+                                        "completion_tokens": {"type": "integer"},
+                                        "reasoning_tokens": {"type": "integer"},
+                                        "total_tokens": {"type": "integer"},
+                                        "duration_ms": {"type": "number"},
+                                        "first_token_ms": {"type": ["number", "null"]},
+                                        "exact": {"type": "boolean"},
+                                    },
+                                },
+                            },
+                            "filters": _FILTERS_JSON,
+                        },
+                    }
+                }
+            },
+        },
+        "400": _ERROR,
+    },
+}
+
+
 # -- the plugin -------------------------------------------------------------------
 
 
@@ -444,8 +559,8 @@ class UsagePlugin:
 
     @hookimpl
     def register_routes(self, register: Any) -> None:
-        register("/v1/usage", self.usage_view)
-        register("/v1/usage/sessions", self.sessions_view)
+        register("/v1/usage", self.usage_view, openapi=USAGE_OPENAPI)
+        register("/v1/usage/sessions", self.sessions_view, openapi=SESSIONS_OPENAPI)
 
     @hookimpl
     def register_status_panels(self, register: Any) -> None:
@@ -472,7 +587,8 @@ class UsagePlugin:
         limit = DEFAULT_LISTED
         raw = request.args.get("limit")
         if raw is not None:
-            if not raw.isdigit() or not 1 <= int(raw) <= MAX_LISTED:
+            # isdigit() alone admits "²", which int() refuses: ASCII digits only.
+            if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LISTED:
                 raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_LISTED}, got '{raw[:40]}'", param="limit")
             limit = int(raw)
         records = self.records(filters, limit)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from .events import EventLog
 from .server import ServerThread, make_config, start_server
-from .upstream import FakeUpstream, Reply, closed_port, completion_events, sse
+from .upstream import ConnectionRecord, FakeUpstream, Reply, closed_port, completion_events, sse
 
 #: The scripted provider's models every `streamvisor_server` serves:
 #: `scripted` (a fixed sentence), `echo` (the last user message, word by word),
@@ -49,6 +49,7 @@ error_status = 502
 """
 
 __all__ = [
+    "ConnectionRecord",
     "EventLog",
     "FakeUpstream",
     "Reply",

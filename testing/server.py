@@ -31,6 +31,8 @@ class ServerThread:
         self.plugins = plugins
         self.url = ""
         self.runtime: Any = None
+        #: The quart app, for tests that look at its routes (`server.call(...)`).
+        self.app: Any = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._shutdown: trio.Event | None = None
         self._ready: queue.Queue[Any] = queue.Queue()
@@ -46,7 +48,7 @@ class ServerThread:
                 listening: Listening = await nursery.start(
                     lambda task_status: serve(self.config, shutdown=self._shutdown, plugins=self.plugins, task_status=task_status)
                 )
-                self.url, self.runtime = listening.url, listening.runtime
+                self.url, self.runtime, self.app = listening.url, listening.runtime, listening.app
                 self._ready.put(None)
 
         try:

@@ -3,10 +3,15 @@ server will not produce on demand: error statuses with `Retry-After`, resets
 mid-stream, silence, malformed events, slow drips.
 
 `FakeUpstream` answers each `POST /chat/completions` with the next queued
-`Reply` (`then(...)`, `queue(...)`), else with its default one (`respond(...)`,
-`reply(...)`); `GET /models` lists its `models`. It counts requests and
-connections, open and in all, so that a test can show nothing was left open.
-Every thread it starts is a daemon; `close()` stops it (the fixture does).
+`Reply` (`then(...)`, `queue(...)`), else with what its chooser picks for the
+request (`choose(fn)`: a mix of answers at set rates, or an answer per client),
+else with its default one (`respond(...)`, `reply(...)`); `GET /models` lists
+its `models`. It counts requests and connections, open and in all, so that a
+test can show nothing was left open, and keeps a `ConnectionRecord` per
+connection (`connection_log`: when it opened and closed, what was asked on it,
+whether the client left mid-answer), so that a test can time how soon a client
+that went away closed its connection. Every thread it starts is a daemon;
+`close()` stops it (the fixture does).
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ import struct
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import attrs
 
-__all__ = ["FakeUpstream", "Reply", "closed_port", "completion_events", "sse"]
+__all__ = ["ConnectionRecord", "FakeUpstream", "Reply", "closed_port", "completion_events", "sse"]
 
 
 def sse(*events: Any) -> tuple[bytes, ...]:
@@ -88,11 +93,39 @@ class Reply:
     raw: bool = False
 
 
+class _Server(ThreadingHTTPServer):
+    #: The listen backlog. socketserver's default of 5 drops the connections of
+    #: a burst (a gateway opening a hundred at once), whose clients then retry
+    #: their SYN only a second later: a delay that would be the fake's, not the
+    #: gateway's.
+    request_queue_size = 1024
+
+
+@attrs.define
+class ConnectionRecord:
+    """One connection the fake accepted. Times are `time.monotonic()`, the same
+    clock in every process of the machine."""
+
+    opened: float
+    #: When it closed (None while open): the moment the fake saw the client
+    #: close it, or the fake's own close when the fake ended it.
+    closed: float | None = None
+    #: The JSON body of every POST on it, in order (the raw bytes when not JSON).
+    requests: list[Any] = attrs.field(factory=list)
+    #: The client closed it before the answer in progress had ended (while the
+    #: fake waited before the status line, between chunks or in silence).
+    cut: bool = False
+
+
 class FakeUpstream:
     def __init__(self, status: int = 200, body: bytes = b"", headers: dict[str, str] | None = None, *, models: Iterable[str] = ("m1",)) -> None:
         self.models = list(models)
         self.script: list[Reply] = []
         self.default = Reply(status, dict(headers or {}), body)
+        #: Picks the answer to a POST when none is queued (see `choose`).
+        self.chooser: Callable[[Any], Reply | None] | None = None
+        #: Every connection accepted, in order (see `ConnectionRecord`).
+        self.connection_log: list[ConnectionRecord] = []
         #: Seconds every answer waits before its status line (on top of a Reply's own).
         self.delay = 0.0
         self.posts = 0
@@ -113,9 +146,19 @@ class FakeUpstream:
 
             def setup(self) -> None:
                 super().setup()
+                self.record = ConnectionRecord(time.monotonic())
                 with outer.lock:
                     outer.open_connections += 1
                     outer.connections += 1
+                    outer.connection_log.append(self.record)
+
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except (ConnectionResetError, BrokenPipeError):
+                    # A client that resets its connection (as a gateway cancelling
+                    # a request may) is what the fake is for, not an error to print.
+                    self.close_connection = True
 
             def finish(self) -> None:
                 try:
@@ -124,6 +167,16 @@ class FakeUpstream:
                     pass
                 with outer.lock:
                     outer.open_connections -= 1
+                    if self.record.closed is None:
+                        self.record.closed = time.monotonic()
+
+            def _client_left(self) -> None:
+                """The client closed the connection before the answer ended."""
+                with outer.lock:
+                    self.record.cut = True
+                    if self.record.closed is None:
+                        self.record.closed = time.monotonic()
+                self.close_connection = True
 
             def do_GET(self) -> None:
                 body = json.dumps({"object": "list", "data": [{"id": m, "object": "model"} for m in outer.models]}).encode()
@@ -131,17 +184,23 @@ class FakeUpstream:
 
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    body: Any = json.loads(raw)
+                except ValueError:
+                    body = raw
                 with outer.lock:
                     outer.posts += 1
                     outer.seen_auth.append(self.headers.get("Authorization"))
-                    try:
-                        outer.seen_bodies.append(json.loads(raw))
-                    except ValueError:
-                        outer.seen_bodies.append(raw)
-                    reply = outer.script.pop(0) if outer.script else outer.default
+                    outer.seen_bodies.append(body)
+                    self.record.requests.append(body)
+                    reply = outer.script.pop(0) if outer.script else None
+                    if reply is None and outer.chooser is not None:
+                        reply = outer.chooser(body)
+                    if reply is None:
+                        reply = outer.default
                     delay = outer.delay + reply.delay
-                if delay:
-                    time.sleep(delay)
+                if delay and not self._pause(delay):
+                    return
                 try:
                     if reply.raw:
                         self.close_connection = True
@@ -153,7 +212,7 @@ class FakeUpstream:
                     else:
                         self._send_plain(reply)
                 except (BrokenPipeError, ConnectionResetError):
-                    self.close_connection = True
+                    self._client_left()
 
             def _send_plain(self, reply: Reply) -> None:
                 self.send_response(reply.status)
@@ -174,8 +233,8 @@ class FakeUpstream:
                 for sent, chunk in enumerate(reply.chunks):
                     if self._after(reply, sent):
                         return
-                    if sent and reply.chunk_delay:
-                        time.sleep(reply.chunk_delay)
+                    if sent and reply.chunk_delay and not self._pause(reply.chunk_delay):
+                        return
                     self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                     self.wfile.flush()
                 if self._after(reply, len(reply.chunks)):
@@ -204,15 +263,36 @@ class FakeUpstream:
                 """Say nothing until the client closes the connection (or the fake stops)."""
                 self.wfile.flush()
                 while not outer._closing.is_set():
-                    readable, _, _ = select.select([self.connection], [], [], 0.05)
-                    if readable:
-                        try:
-                            if not self.connection.recv(1024):
-                                return
-                        except OSError:
-                            return
+                    if not self._pause(0.05):
+                        return
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+            def _pause(self, seconds: float) -> bool:
+                """Wait `seconds` in the middle of an answer, watching the
+                connection; False (and the close recorded) as soon as the client
+                closes it, so that a test sees when it left, not when the next
+                write failed."""
+                deadline = time.monotonic() + seconds
+                # poll, not select: a storm of clients takes descriptors past 1024.
+                poller = select.poll()
+                poller.register(self.connection, select.POLLIN)
+                while (left := deadline - time.monotonic()) > 0:
+                    try:
+                        readable = poller.poll(max(1, round(left * 1000)))
+                        # Mid-answer, an HTTP/1.1 client sends nothing: a readable
+                        # socket is its close (or bytes of a pipelined request,
+                        # which are left for the next request to read).
+                        if readable and not self.connection.recv(1, socket.MSG_PEEK):
+                            self._client_left()
+                            return False
+                    except OSError:
+                        self._client_left()
+                        return False
+                    if readable:
+                        time.sleep(max(0.0, deadline - time.monotonic()))
+                        break
+                return True
+
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/v1"
@@ -239,6 +319,16 @@ class FakeUpstream:
         """Queue answers, used before the default one, first queued first."""
         with self.lock:
             self.script.extend(replies)
+
+    def choose(self, chooser: Callable[[Any], Reply | None] | None) -> None:
+        """Pick the answer to every POST that no queued answer takes:
+        `chooser(body)` gets the request's JSON body and returns a `Reply`, or
+        None for the default one. It is called under the fake's lock, one
+        request at a time, so it may keep state (a seeded `random.Random` for a
+        mix of answers at set rates, a count per client for "fail first, then
+        answer"). `None` removes it."""
+        with self.lock:
+            self.chooser = chooser
 
     def stream(self, text: str, **knobs: Any) -> None:
         """Set the default answer to a streamed completion of `text` (see `Reply` for the knobs)."""

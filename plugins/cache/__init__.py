@@ -166,6 +166,101 @@ class CacheMetrics:
         self.bytes.set_function(size)
 
 
+# -- the routes' OpenAPI operations ----------------------------------------------------
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+_ADMIN_ERRORS = {
+    "401": _error("A missing or wrong admin key."),
+    "403": _error("Admin routes are disabled: STREAMVISOR_ADMIN_KEY is not set."),
+    "503": _error("The cache backend failed or did not answer (`cache_backend_unavailable`)."),
+}
+
+_COUNT = {"type": ["integer", "null"]}
+
+STATUS_OPENAPI = {
+    "summary": "The cache's status",
+    "description": "The backend, its entries and size, and the hits, misses, bypasses, stores and errors since start-up.",
+    # The scheme GET /openapi.json declares for STREAMVISOR_ADMIN_KEY.
+    "security": [{"adminKey": []}],
+    "responses": {
+        "200": {
+            "description": "The status; `reachable` is false (and the sizes null) when the backend did not answer.",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["backend", "reachable"],
+                        "properties": {
+                            "backend": {"enum": ["memory", "redis"]},
+                            "reachable": {"type": "boolean"},
+                            "error": {"type": ["string", "null"]},
+                            "entries": _COUNT,
+                            "bytes": _COUNT,
+                            "hits": {"type": "integer"},
+                            "misses": {"type": "integer"},
+                            "bypasses": {"type": "integer"},
+                            "stores": {"type": "integer"},
+                            "errors": {"type": "integer"},
+                            "hit_rate": {"type": ["number", "null"]},
+                            "ttl_seconds": {"type": "number"},
+                            "max_entry_bytes": {"type": "integer"},
+                        },
+                    }
+                }
+            },
+        },
+        "401": _ADMIN_ERRORS["401"],
+        "403": _ADMIN_ERRORS["403"],
+    },
+}
+
+INVALIDATE_OPENAPI = {
+    "summary": "Remove cache entries",
+    "description": "Removes every entry, a model's entries (a name the providers know is made canonical, `provider:target`), or one entry by its key (the X-Cache-Key header).",
+    "security": [{"adminKey": []}],
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {
+                "schema": {
+                    "description": "Exactly one of `all`, `model` or `key`.",
+                    "oneOf": [
+                        {"type": "object", "required": ["all"], "properties": {"all": {"const": True}}, "additionalProperties": False},
+                        {"type": "object", "required": ["model"], "properties": {"model": {"type": "string", "minLength": 1}}, "additionalProperties": False},
+                        {"type": "object", "required": ["key"], "properties": {"key": {"type": "string", "pattern": KEY_PATTERN.pattern}}, "additionalProperties": False},
+                    ],
+                }
+            }
+        },
+    },
+    "responses": {
+        "200": {
+            "description": "How many entries were removed.",
+            "content": {
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["removed", "scope"],
+                        "properties": {
+                            "removed": {"type": "integer"},
+                            "scope": {"enum": ["all", "model", "key"]},
+                            "model": {"type": "string"},
+                            "key": {"type": "string"},
+                        },
+                    }
+                }
+            },
+        },
+        "400": _error("Not exactly one of `all`, `model` or `key`, or a bad value (`param` names it)."),
+        **_ADMIN_ERRORS,
+    },
+}
+
+
 # -- the plugin ----------------------------------------------------------------
 
 
@@ -214,8 +309,8 @@ class CachePlugin:
 
     @hookimpl
     def register_routes(self, register):
-        register("/admin/cache/status", require_admin(self._status_view))
-        register("/admin/cache/invalidate", require_admin(self._invalidate_view), methods=("POST",))
+        register("/admin/cache/status", require_admin(self._status_view), openapi=STATUS_OPENAPI)
+        register("/admin/cache/invalidate", require_admin(self._invalidate_view), methods=("POST",), openapi=INVALIDATE_OPENAPI)
 
     @hookimpl
     def register_health_checks(self, register):
@@ -425,7 +520,7 @@ class CachePlugin:
             removed = await self._backend_admin("invalidate", self.backend.remove_model, model)
             return {"removed": removed, "scope": "model", "model": model}
         if field == "key":
-            if not isinstance(value, str) or not KEY_PATTERN.match(value):
+            if not isinstance(value, str) or not KEY_PATTERN.fullmatch(value):
                 raise InvalidRequest("'key' must be a cache key: 64 lowercase hex digits (the X-Cache-Key header).", param="key")
             removed = await self._backend_admin("invalidate", self.backend.remove_key, value)
             return {"removed": removed, "scope": "key", "key": value}

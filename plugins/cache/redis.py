@@ -294,19 +294,27 @@ def _text(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
+#: Query parameters whose values are secrets (coredis reads `?password=`).
+_SECRET_PARAMS = ("pass", "secret", "token")
+
+
 def redact_url(url: str) -> str:
-    """The URL without its password, for status pages and logs."""
+    """The URL without its password, in the user part or the query, for
+    status pages and logs."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "(unparsable URL)"
-    if parts.password is None:
-        return url
-    netloc = parts.hostname or ""
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    if parts.username:
-        netloc = f"{parts.username}:***@{netloc}"
-    else:
-        netloc = f":***@{netloc}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    netloc = parts.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:***@{hostport}"
+    query = "&".join(_redact_param(param) for param in parts.query.split("&")) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _redact_param(param: str) -> str:
+    name, equals, value = param.partition("=")
+    if equals and value and any(word in name.lower() for word in _SECRET_PARAMS):
+        return f"{name}=***"
+    return param

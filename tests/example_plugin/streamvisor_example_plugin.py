@@ -88,7 +88,27 @@ class ExamplePlugin:
         async def hello() -> dict[str, Any]:
             return {"plugin": "example", "greeting": self.settings.greeting}  # quart sends a dict as JSON
 
-        register("/example/hello", hello)
+        # What GET /openapi.json says of the route: an OpenAPI operation object.
+        register(
+            "/example/hello",
+            hello,
+            openapi={
+                "summary": "Say hello",
+                "responses": {
+                    "200": {
+                        "description": "The plugin's greeting.",
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "properties": {"plugin": {"const": "example"}, "greeting": {"type": "string"}},
+                                }
+                            }
+                        },
+                    }
+                },
+            },
+        )
 
     @hookimpl
     def register_status_panels(self, register):
