@@ -53,6 +53,9 @@ _RESERVED_HEADERS = frozenset(
 
 #: What one buffered delta is counted as besides its text (the objects around it).
 _DELTA_OVERHEAD = 200
+#: The actor adds a session's bytes to the meter in steps of about this many, not
+#: per chunk: the meter may lag each live session by up to one step.
+_COUNT_STEP = 4096
 
 
 class BufferMeter:
@@ -65,13 +68,6 @@ class BufferMeter:
 
     def __init__(self) -> None:
         self.bytes = 0
-
-
-def delta_bytes(delta: Delta) -> int:
-    size = _DELTA_OVERHEAD + len(delta.content or "") + len(delta.reasoning or "")
-    if delta.tool_calls:
-        size += 64 * len(delta.tool_calls)
-    return size
 
 
 def new_id(prefix: str) -> str:
@@ -186,12 +182,8 @@ class Session:
     # -- the runtime's side ----------------------------------------------------
 
     def append(self, delta: Delta) -> None:
+        """Buffer `delta` (the actor counts its bytes in the meter, see `_count`)."""
         self.chunks.append(delta)
-        meter = self._meter
-        if meter is not None:
-            size = delta_bytes(delta)
-            self._buffered += size
-            meter.bytes += size
         changed = self._changed
         if changed is not None:
             self._changed = None
@@ -223,6 +215,13 @@ class Session:
         self.dropped_chunks += len(self.chunks)
         self.chunks = []
         self._unmeter()
+
+    def _count(self, size: int) -> None:
+        """Count `size` more bytes of this buffer in the runtime's meter."""
+        meter = self._meter
+        if meter is not None:
+            self._buffered += size
+            meter.bytes += size
 
     def _unmeter(self) -> None:
         """Stop counting this buffer in the runtime's meter: it was dropped, or
@@ -367,31 +366,48 @@ class SessionActor:
         # Listeners are registered at start-up: ask once per session, not per chunk.
         chunk_events = events.wants("chunk")
         stream = self.stream(session.request)
+        # The buffer is only ever appended to while the session runs.
+        chunks, max_chunks = session.chunks, session.max_chunks
+        uncounted = 0
         try:
             async for delta in stream:
                 usage = delta.usage
                 if transforms:
                     delta = self._transform(delta, transforms, owners)
+                    if delta is None:
+                        if usage is not None:
+                            session.usage = usage
+                        continue
                     # A transformer may restate the usage (e.g. count reasoning tokens).
-                    if delta is not None and delta.usage is not None:
+                    if delta.usage is not None:
                         usage = delta.usage
                 if usage is not None:
                     session.usage = usage
-                if delta is None or not (delta.content or delta.finish_reason or delta.visible):
+                content, finish = delta.content, delta.finish_reason
+                if not (content or finish or delta.visible):
                     continue
-                if delta.finish_reason is not None:
-                    session.finish_reason = delta.finish_reason
-                if not session.chunks:
+                if finish is not None:
+                    session.finish_reason = finish
+                if not chunks:
                     session.first_token_mono = time.perf_counter()
                     if delta.role is None:
                         delta = attrs.evolve(delta, role="assistant")
                     events.emit("first_token", session)
-                if len(session.chunks) >= session.max_chunks:
-                    raise InternalError(f"the stream exceeded the session buffer bound of {session.max_chunks} chunks")
+                if len(chunks) >= max_chunks:
+                    raise InternalError(f"the stream exceeded the session buffer bound of {max_chunks} chunks")
                 session.append(delta)
+                # What the buffer meter counts: the text, plus the objects around
+                # it; added in steps, not per chunk (see _COUNT_STEP).
+                uncounted += _DELTA_OVERHEAD + len(content) if content else _DELTA_OVERHEAD
+                if delta.reasoning:
+                    uncounted += len(delta.reasoning)
+                if uncounted >= _COUNT_STEP:
+                    session._count(uncounted)
+                    uncounted = 0
                 if chunk_events:
-                    events.emit("chunk", session, index=len(session.chunks) - 1)
+                    events.emit("chunk", session, index=len(chunks) - 1)
         finally:
+            session._count(uncounted)
             # Close the chain's generator here, in this task, so that an
             # upstream request is closed the moment the session is cancelled.
             close = getattr(stream, "aclose", None)
