@@ -42,7 +42,18 @@ def _figures(result: dict[str, Any]) -> dict[int, dict[str, float]]:
     out = {}
     for run in scenarios["default_stack"]["runs"]:
         base = provider[run["concurrency"]]
-        out[run["concurrency"]] = {"ratio": run["rps"] / base["rps"], "provider_rps": base["rps"], "stack_rps": run["rps"]}
+        # Server CPU per request: less sensitive than req/s to what else the
+        # two shared cores are doing at the moment.
+        cpu_stack = run["cpu"]["server"] / run["rps"] * 1000
+        cpu_provider = base["cpu"]["server"] / base["rps"] * 1000
+        out[run["concurrency"]] = {
+            "ratio": run["rps"] / base["rps"],
+            "provider_rps": base["rps"],
+            "stack_rps": run["rps"],
+            "provider_cpu_ms": cpu_provider,
+            "stack_cpu_ms": cpu_stack,
+            "cpu_ratio": cpu_stack / cpu_provider,
+        }
     return out
 
 
@@ -65,13 +76,27 @@ def main(argv: list[str] | None = None) -> int:
                 figures[side].append(_figures(_run(python, root, bench_args, Path(folder) / side)))
     levels = sorted(figures["this"][0])
     print(f"\nthis: {ROOT}\nother: {other_root}\n{args.rounds} rounds, interleaved; the median of the rounds\n")
-    print("| concurrency | default stack / provider, other | this | provider req/s, other | this | rounds (other → this) |")
+    def median(side: str, level: int, key: str) -> float:
+        return statistics.median(f[level][key] for f in figures[side])
+
+    print("Default stack / provider, req/s (higher is better; 1.0 means the stack costs nothing):\n")
+    print("| concurrency | other | this | provider req/s, other | this | rounds (other → this) |")
     print("|---:|---:|---:|---:|---:|---|")
     for level in levels:
-        ratio = {side: statistics.median(f[level]["ratio"] for f in figures[side]) for side in sides}
-        rps = {side: statistics.median(f[level]["provider_rps"] for f in figures[side]) for side in sides}
         rounds = ", ".join(f"{o[level]['ratio']:.3f}→{t[level]['ratio']:.3f}" for o, t in zip(figures["other"], figures["this"]))
-        print(f"| {level} | {ratio['other']:.3f} | {ratio['this']:.3f} | {rps['other']:.0f} | {rps['this']:.0f} | {rounds} |")
+        print(
+            f"| {level} | {median('other', level, 'ratio'):.3f} | {median('this', level, 'ratio'):.3f} "
+            f"| {median('other', level, 'provider_rps'):.0f} | {median('this', level, 'provider_rps'):.0f} | {rounds} |"
+        )
+    print("\nServer CPU per request, ms (lower is better), and default stack / provider in CPU:\n")
+    print("| concurrency | provider, other | this | default stack, other | this | stack / provider CPU, other | this |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for level in levels:
+        print(
+            f"| {level} | {median('other', level, 'provider_cpu_ms'):.2f} | {median('this', level, 'provider_cpu_ms'):.2f} "
+            f"| {median('other', level, 'stack_cpu_ms'):.2f} | {median('this', level, 'stack_cpu_ms'):.2f} "
+            f"| {median('other', level, 'cpu_ratio'):.3f} | {median('this', level, 'cpu_ratio'):.3f} |"
+        )
     return 0
 
 

@@ -201,7 +201,9 @@ class EventDispatcher:
 
     def terminal_backlog(self) -> int:
         """The most terminal events any one listener has yet to handle."""
-        return max((len(listener.queue) - listener.droppable for listener in self._listeners), default=0)
+        if not self._listeners:
+            return 0
+        return max(len(listener.queue) - listener.droppable for listener in self._listeners)
 
     # -- dispatch --------------------------------------------------------------
 

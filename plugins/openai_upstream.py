@@ -150,44 +150,43 @@ def _count(value: Any) -> int:
     return value
 
 
-def _text(choice: dict[str, Any], delta: dict[str, Any], name: str) -> str | None:
-    value = delta.get(name)
-    if value is not None and not isinstance(value, str):
-        raise TypeError(f"delta.{name} is a {type(value).__name__}, not a string")
-    return value
-
-
 def _parse_chunk(chunk: dict[str, Any]) -> Delta | None:
     """A chat.completion.chunk as a Delta; TypeError or ValueError when a field
-    has the wrong type."""
+    has the wrong type. On the hot path: one dict lookup per field and one type
+    test per field present, no call per field."""
     usage = chunk.get("usage")
     choices = chunk.get("choices")
-    if choices is None:
-        choices = []
-    if not isinstance(choices, list):
-        raise TypeError(f"choices is a {type(choices).__name__}, not an array")
     if not choices:
+        if choices is not None and type(choices) is not list:
+            raise TypeError(f"choices is a {type(choices).__name__}, not an array")
         return Delta(usage=_usage(usage)) if usage else None
+    if type(choices) is not list:
+        raise TypeError(f"choices is a {type(choices).__name__}, not an array")
     choice = choices[0]
-    if not isinstance(choice, dict):
+    if type(choice) is not dict:
         raise TypeError(f"choices[0] is a {type(choice).__name__}, not an object")
-    delta = choice.get("delta") or {}
-    if not isinstance(delta, dict):
+    delta = choice.get("delta")
+    if delta is None:
+        delta = {}
+    elif type(delta) is not dict:
         raise TypeError(f"choices[0].delta is a {type(delta).__name__}, not an object")
+    content = delta.get("content")
+    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+    role = delta.get("role")
     tool_calls = delta.get("tool_calls")
-    if tool_calls is not None and not isinstance(tool_calls, list):
-        raise TypeError("delta.tool_calls is not an array")
     finish = choice.get("finish_reason")
-    if finish is not None and not isinstance(finish, str):
-        raise TypeError("finish_reason is not a string")
-    return Delta(
-        content=_text(choice, delta, "content"),
-        reasoning=_text(choice, delta, "reasoning_content") or _text(choice, delta, "reasoning"),
-        role=_text(choice, delta, "role"),
-        tool_calls=tool_calls,
-        finish_reason=finish,
-        usage=_usage(usage) if usage else None,
-    )
+    if (
+        (content is not None and type(content) is not str)
+        or (reasoning is not None and type(reasoning) is not str)
+        or (role is not None and type(role) is not str)
+        or (tool_calls is not None and type(tool_calls) is not list)
+        or (finish is not None and type(finish) is not str)
+    ):
+        raise TypeError(
+            "a field of the delta has the wrong type: content, reasoning_content and role must be strings, "
+            "tool_calls an array, finish_reason a string"
+        )
+    return Delta(content, reasoning, role, tool_calls, finish, _usage(usage) if usage else None)
 
 
 def _proxy_for(url: str) -> str | None:
