@@ -373,7 +373,28 @@ class SessionActor:
             async for delta in stream:
                 usage = delta.usage
                 if transforms:
-                    delta = self._transform(delta, transforms, owners)
+                    # Inline, one call per transformer and chunk: this runs for
+                    # every chunk of every session.
+                    faulty = None
+                    for transform in transforms:
+                        try:
+                            result = transform(delta)
+                        except APIError:
+                            raise  # a transformer's deliberate verdict (a guardrail): the session fails
+                        except Exception as exc:
+                            faulty = self._contain(transform, exc, None, transforms, owners, faulty)
+                            continue  # the delta goes on as it was
+                        if type(result) is not Delta:
+                            if result is None:
+                                delta = None
+                                break
+                            faulty = self._contain(transform, TypeError(f"a chunk transformer returned {type(result).__name__}, not a Delta or None"), result, transforms, owners, faulty)
+                            continue
+                        delta = result
+                    if faulty:
+                        for transform in faulty:
+                            index = transforms.index(transform)
+                            del transforms[index], owners[index]
                     if delta is None:
                         if usage is not None:
                             session.usage = usage
@@ -414,29 +435,16 @@ class SessionActor:
             if close is not None:
                 await close()
 
-    def _transform(self, delta: Delta, transforms: list[Transform], owners: list[str]) -> Delta | None:
-        i = 0
-        while i < len(transforms):
-            result = None
-            try:
-                result = transforms[i](delta)
-                if result is not None and type(result) is not Delta:
-                    raise TypeError(f"a chunk transformer returned {type(result).__name__}, not a Delta or None")
-            except APIError:
-                raise  # a transformer's deliberate verdict (a guardrail): the session fails
-            except Exception as exc:
-                # A bug: contained. The transformer leaves this session, the delta
-                # goes on as it was, the fault is counted against its plugin.
-                if inspect.iscoroutine(result):
-                    result.close()  # an async transform's coroutine: never to be awaited
-                self.faults.record(owners[i], "chunk transformer", exc)
-                del transforms[i], owners[i]
-                continue
-            if result is None:
-                return None
-            delta = result
-            i += 1
-        return delta
+    def _contain(
+        self, transform: Transform, exc: Exception, result: Any, transforms: list[Transform], owners: list[str], faulty: list[Transform] | None
+    ) -> list[Transform]:
+        """A transformer raised (a bug) or returned garbage: count the fault
+        against its plugin; it leaves this session after this chunk (the
+        caller removes it), and the delta goes on as it was."""
+        if inspect.iscoroutine(result):
+            result.close()  # an async transform's coroutine: never to be awaited
+        self.faults.record(owners[transforms.index(transform)], "chunk transformer", exc)
+        return [transform] if faulty is None else [*faulty, transform]
 
     def _fail(self, exc: BaseException) -> None:
         session = self.session
