@@ -292,14 +292,11 @@ class OpenAIUpstream:
                     now = time.monotonic()
                     if now > deadline:
                         raise UpstreamTimeout(f"Upstream '{self.name}' streamed for longer than max_stream_seconds ({upstream.max_stream_seconds:g} s).")
-                    for data in decoder.feed(raw):
-                        if done or data == b"[DONE]":
-                            done = True
-                            continue
-                        delta = self._delta(data)
-                        if delta is not None:
-                            finished = finished or delta.finish_reason is not None
-                            yield delta
+                    deltas, done, finished, error = self._deltas(decoder.feed(raw), done, finished)
+                    for delta in deltas:
+                        yield delta
+                    if error is not None:
+                        raise error
                     if not decoder.pending:
                         event_started = None
                     elif event_started is None:
@@ -307,14 +304,11 @@ class OpenAIUpstream:
                     elif now - event_started > upstream.event_timeout:
                         raise UpstreamTimeout(f"Upstream '{self.name}' took longer than event_timeout ({upstream.event_timeout:g} s) to send one event.")
                 if not done:
-                    for data in decoder.close():
-                        if data == b"[DONE]":
-                            done = True
-                            continue
-                        delta = self._delta(data)
-                        if delta is not None:
-                            finished = finished or delta.finish_reason is not None
-                            yield delta
+                    deltas, done, finished, error = self._deltas(decoder.close(), done, finished)
+                    for delta in deltas:
+                        yield delta
+                    if error is not None:
+                        raise error
                 if not (done or finished):
                     # The body ended before the answer did: a cut connection, a
                     # proxy's page, anything but an OpenAI stream.
@@ -325,6 +319,25 @@ class OpenAIUpstream:
             raise UpstreamError(f"Upstream '{self.name}' is unreachable or broke the connection ({type(exc).__name__}: {self._redact(str(exc))}).") from exc
         except SSEBoundError as exc:
             raise UpstreamError(f"Upstream '{self.name}' sent a malformed stream: {exc} (max_event_bytes = {upstream.max_event_bytes}).") from exc
+
+    def _deltas(self, payloads: list[bytes], done: bool, finished: bool) -> tuple[list[Delta], bool, bool, UpstreamError | None]:
+        """The deltas of some events' payloads, whether `[DONE]` and a
+        finish_reason have been seen (what follows `[DONE]` is ignored), and
+        the error of a malformed event, returned rather than raised so that the
+        deltas before it still go out."""
+        deltas = []
+        for data in payloads:
+            if done or data == b"[DONE]":
+                done = True
+                continue
+            try:
+                delta = self._delta(data)
+            except UpstreamError as exc:
+                return deltas, done, finished, exc
+            if delta is not None:
+                finished = finished or delta.finish_reason is not None
+                deltas.append(delta)
+        return deltas, done, finished, None
 
     def _delta(self, data: bytes) -> Delta | None:
         try:
