@@ -202,6 +202,11 @@ def create_app(runtime: Runtime) -> QuartTrio:
     return app
 
 
+def _where() -> str:
+    """The route being served, as a fault's place (only on the failure path)."""
+    return f"route {request.method} {request.url_rule.rule if request.url_rule else request.path}"
+
+
 #: What a quart view may return.
 _VIEW_RESULTS = (Response, dict, list, str, bytes, tuple)
 
@@ -211,7 +216,6 @@ def _plugin_view(runtime: Runtime, plugin: str, view: Callable[..., Any]) -> Cal
 
     @functools.wraps(view)
     async def guarded(*args: Any, **kwargs: Any) -> Any:
-        where = f"route {request.method} {request.url_rule.rule if request.url_rule else request.path}"
         try:
             with trio.move_on_after(timeout):
                 result = await view(*args, **kwargs)
@@ -221,8 +225,9 @@ def _plugin_view(runtime: Runtime, plugin: str, view: Callable[..., Any]) -> Cal
         except (APIError, HTTPException):
             raise
         except Exception as exc:
-            runtime.faults.record(plugin, where, exc)
+            runtime.faults.record(plugin, _where(), exc)
             raise InternalError("The server failed to handle the request.") from None
+        where = _where()
         runtime.faults.record(plugin, where, TimeoutError(f"no answer within {timeout:g} s"), log_it=False)
         log.warning("plugin %r's %s did not answer within route_timeout_seconds (%g s)", plugin, where, timeout)
         raise APIError(f"The request took longer than {timeout:g} s.", status=504, type="server_error", code="route_timeout")

@@ -422,10 +422,6 @@ class Runtime:
             )
         return out
 
-    def service_supervisors(self) -> dict[str, Supervisor]:
-        """Each plugin's services' supervisor (tests look at them)."""
-        return dict(self._plugin_supervisors)
-
     def task_names(self) -> list[str]:
         """Names of the tasks the runtime's root nursery runs (sessions, supervisor)."""
         if self._nursery is None:

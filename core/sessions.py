@@ -34,7 +34,7 @@ import trio
 
 from .chat import ChatRequest, Delta, Usage
 from .errors import APIError, InternalError, NotFound
-from .events import EventDispatcher, Outcome
+from .events import TERMINAL_TYPES, EventDispatcher, Outcome
 from .faults import PluginFaults
 
 log = logging.getLogger("streamvisor.sessions")
@@ -165,7 +165,7 @@ class Session:
         events = self._events
         if events is None:
             return
-        if type in ("completed", "failed", "stopped", "disconnected"):
+        if type in TERMINAL_TYPES:
             raise ValueError(f"{type!r} is a terminal event: only the runtime dispatches it")
         events.emit(type, self, **data)
 

@@ -178,25 +178,6 @@ class PluginHost:
         impls = sorted(hook.get_hookimpls(), key=lambda impl: order.get(impl.plugin_name, 1 << 30))
         return [HookCall(impl.plugin_name, impl.function, tuple(impl.argnames)) for impl in impls]
 
-    async def call(self, hook_name: str, **kwargs: Any) -> list[Any]:
-        """Call every implementation in order, awaiting awaitable results."""
-        results = []
-        for call in self.implementations(hook_name):
-            result = call(**kwargs)
-            if inspect.isawaitable(result):
-                result = await result
-            results.append(result)
-        return results
-
-    async def call_per_plugin(self, hook_name: str, make_register: Callable[[str], Callable[..., Any]], **kwargs: Any) -> None:
-        """Call a registration hook in order, giving each plugin its own
-        ``register`` callback (``make_register(plugin_name)``), so that what it
-        registers is known by the plugin's name."""
-        for call in self.implementations(hook_name):
-            result = call(register=make_register(call.plugin_name), **kwargs)
-            if inspect.isawaitable(result):
-                await result
-
     def __iter__(self) -> Iterator[LoadedPlugin]:
         return iter(sorted(self.plugins.values(), key=lambda p: p.order))
 

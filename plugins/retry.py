@@ -578,12 +578,13 @@ class RetryPlugin:
 
     def _announce_retry(self, session: Session, failure: Failure, attempt: int, delay: float) -> None:
         delay = round(delay, 3)
+        data = failure.event_data()
         self.retries.labels(failure.reason, failure.provider).inc()
         log.info(
             "retrying %s on %s (attempt %d) in %.3f s after %s: %s",
-            failure.model, failure.provider, attempt, delay, failure.reason, failure.event_data()["error"],
+            failure.model, failure.provider, attempt, delay, failure.reason, data["error"],
         )
-        session.emit("retry", attempt=attempt, delay=delay, model=failure.model, provider=failure.provider, **failure.event_data())
+        session.emit("retry", attempt=attempt, delay=delay, model=failure.model, provider=failure.provider, **data)
 
     def _announce_fallback(self, session: Session, failure: Failure, to_model: str, to_provider: str) -> None:
         self.fallbacks.labels(failure.reason).inc()
