@@ -161,7 +161,7 @@ class EventDispatcher:
     def declare(self, owner: str, name: str, description: str = "") -> None:
         """Declare an event type for plugin `owner` (the `register` of the
         `register_event_types` hook)."""
-        if not isinstance(name, str) or not _TYPE_NAME.match(name):
+        if not isinstance(name, str) or not _TYPE_NAME.fullmatch(name):
             raise ValueError(f"an event type name is 1 to 64 lower-case letters, digits, '_' or '.', starting with a letter; got {name!r}")
         known = self._types.get(name)
         if known is not None:

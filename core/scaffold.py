@@ -244,7 +244,7 @@ The plugin contract (hooks, public API, stability) is streamvisor's
 
 def new_plugin(name: str, parent: Path) -> Path:
     """Write the package `streamvisor-NAME` under `parent`; its folder."""
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise ScaffoldError(
             f"the plugin name {name!r} must be 1 to 40 lower-case letters, digits, '-' or '_', starting with a letter"
         )

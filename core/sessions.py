@@ -74,15 +74,26 @@ def new_id(prefix: str) -> str:
     return f"{prefix}{secrets.token_hex(12)}"
 
 
+#: Headers checked already: plugins set the same few on every request (X-Cache:
+#: bypass), and two regular expressions per call showed. Bounded: cleared when full.
+_ACCEPTED_HEADERS: set[tuple[str, str]] = set()
+
+
 def check_header(name: str, value: str) -> None:
     """Refuse a header a plugin may not set: a reserved name, or a name or value
     that could split the response (CR, LF and other control characters)."""
-    if not isinstance(name, str) or not _HEADER_NAME.match(name):
+    if type(name) is str and type(value) is str and (name, value) in _ACCEPTED_HEADERS:
+        return
+    # fullmatch: `$` would let a trailing newline through.
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
         raise ValueError(f"not a valid header name: {name!r}")
     if name.lower() in _RESERVED_HEADERS:
         raise ValueError(f"the header {name} is set by streamvisor itself")
-    if not isinstance(value, str) or not _HEADER_VALUE.match(value):
+    if not isinstance(value, str) or not _HEADER_VALUE.fullmatch(value):
         raise ValueError(f"the value of header {name} must be printable ASCII without line breaks, at most 4096 characters")
+    if len(_ACCEPTED_HEADERS) >= 1024:
+        _ACCEPTED_HEADERS.clear()
+    _ACCEPTED_HEADERS.add((name, value))
 
 
 @attrs.define(eq=False)

@@ -302,7 +302,7 @@ class Announcer:
             assert session.set_header("X-Announced", "yes") is True
             session.emit("announcer.seen", model=request.model)
             self.checks = []
-            for bad in (("X-Session-ID", "x"), ("X-Evil", "a\r\nSet-Cookie: x=1"), ("Bad Name", "x")):
+            for bad in (("X-Session-ID", "x"), ("X-Evil", "a\r\nSet-Cookie: x=1"), ("Bad Name", "x"), ("X-Trailing", "a\n"), ("X-Name\n", "a")):
                 try:
                     session.set_header(*bad)
                 except ValueError as exc:
@@ -343,9 +343,10 @@ def test_a_plugin_declares_an_event_type_emits_it_and_sets_headers_through_its_s
         types = server.runtime.events.types
     assert types["announcer.seen"].owner == "announcer" and not types["announcer.seen"].terminal
     assert types["completed"].owner == "core" and types["completed"].terminal
-    reserved, split, name, typo, terminal = announcer.checks
+    reserved, split, name, trailing_value, trailing_name, typo, terminal = announcer.checks
     assert "set by streamvisor itself" in reserved
     assert "without line breaks" in split and "not a valid header name" in name
+    assert "without line breaks" in trailing_value and "not a valid header name" in trailing_name
     assert "'announcer.typo' was never declared" in typo
     assert "terminal event" in terminal
 
