@@ -44,6 +44,12 @@ class ServerSettings:
     #: The bound on the bytes all session buffers hold together (an estimate:
     #: text plus ~200 bytes a chunk); past it new sessions get 503.
     max_buffered_bytes: int = attrs.field(default=256 * 1024 * 1024, validator=positive)
+    #: Live background sessions (`"background": true`) one identity may have;
+    #: past it requests get 429.
+    max_background_sessions: int = attrs.field(default=100, validator=positive)
+    #: How often a follower of a session (GET /v1/sessions/{id}/stream) gets a
+    #: keep-alive comment while no chunk arrives.
+    keepalive_seconds: float = attrs.field(default=15.0, validator=positive)
     #: The bound of each event listener's queue of non-terminal events; events
     #: past it are dropped and counted (terminal events are never dropped).
     event_queue_size: int = attrs.field(default=1024, validator=positive)

@@ -36,6 +36,7 @@ from .errors import APIError, InternalError, MethodNotAllowed, NotFound, Payload
 from .logs import request_id_var, session_id_var
 from .metrics import Labelled
 from .runtime import Runtime
+from .session_api import add_session_routes
 from .sessions import Session
 from .web import json_response, read_json
 
@@ -131,11 +132,19 @@ def create_app(runtime: Runtime) -> QuartTrio:
         chat = attrs.evolve(chat, request_id=g.request_id)
         session = runtime.open_session(chat)
         session_id_var.set(session.id)
+        if chat.background and not chat.stream:
+            # Detached: the client collects it later (GET /v1/sessions/{id},
+            # /completion, /stream). Nothing waits here, nothing cancels it.
+            return json_response(
+                session.to_json(), 202, headers={"X-Session-ID": session.id, "Location": f"/v1/sessions/{session.id}"}
+            )
         handed_off = False
         try:
             await session.wait_first()
             # Plugins may have set headers (X-Cache, ...) before the first chunk.
             headers = {**session.headers, "X-Session-ID": session.id}
+            if chat.background:
+                headers["Location"] = f"/v1/sessions/{session.id}"
             if session.error is not None and not session.chunks:
                 # Nothing reached the client: a plain error status is honest. A
                 # copy is raised: the session keeps its error without the
@@ -157,7 +166,7 @@ def create_app(runtime: Runtime) -> QuartTrio:
                 )
             encoder = sse.ChunkEncoder(completion_id, chat.model, created)
             response = Response(
-                _stream(session, encoder, chat.include_usage),
+                _stream(session, encoder, chat.include_usage, chat.background),
                 content_type="text/event-stream",
                 headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -165,24 +174,13 @@ def create_app(runtime: Runtime) -> QuartTrio:
             handed_off = True
             return response
         finally:
-            if not handed_off:
+            # A background session outlives its request, and keeps its buffer
+            # for followers until its retention ends.
+            if not handed_off and not chat.background:
                 session.cancel("disconnected")
                 session.release()
 
-    @app.get("/v1/sessions/<session_id>")
-    async def get_session(session_id: str) -> Response:
-        return json_response(runtime.sessions.get(session_id).to_json())
-
-    @app.post("/v1/sessions/<session_id>/stop")
-    async def stop_session(session_id: str) -> Response:
-        session = runtime.sessions.get(session_id)
-        stopped = session.cancel("stopped")
-        if stopped:
-            with trio.move_on_after(5):
-                await session.wait_done()
-        body = session.to_json()
-        body["stopped"] = stopped
-        return json_response(body)
+    add_session_routes(app, runtime)
 
     # The plugins registered their routes before the app is made: the document
     # is complete now, and encoded once.
@@ -235,7 +233,7 @@ def _plugin_view(runtime: Runtime, plugin: str, view: Callable[..., Any]) -> Cal
     return guarded
 
 
-async def _stream(session: Session, encoder: sse.ChunkEncoder, include_usage: bool) -> AsyncIterator[bytes]:
+async def _stream(session: Session, encoder: sse.ChunkEncoder, include_usage: bool, background: bool) -> AsyncIterator[bytes]:
     offset = 0
     try:
         async for batch in session.follow(0):
@@ -250,7 +248,9 @@ async def _stream(session: Session, encoder: sse.ChunkEncoder, include_usage: bo
     finally:
         # Runs when the stream ends, and when the client disconnected and quart
         # cancelled the handler: then the session is cancelled too. cancel()
-        # does not await, so the cancelled scope is no trap.
-        if not session.finished:
-            session.cancel("disconnected")
-        session.release()
+        # does not await, so the cancelled scope is no trap. A background session
+        # goes on without its client.
+        if not background:
+            if not session.finished:
+                session.cancel("disconnected")
+            session.release()

@@ -31,6 +31,7 @@ _KNOWN = frozenset(
         "seed",
         "n",
         "user",
+        "background",
     }
 )
 
@@ -104,6 +105,15 @@ def _integer(body: dict[str, Any], name: str, lo: int) -> int | None:
     return value
 
 
+def _flag(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"'{name}' must be a boolean, got {type(value).__name__}", param=name)
+    return value
+
+
 def _check_message(i: int, message: Any) -> dict[str, Any]:
     param = f"messages[{i}]"
     if not isinstance(message, dict):
@@ -163,6 +173,9 @@ class ChatRequest:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     user: str | None = None
+    #: streamvisor's extension (named as in OpenAI's Responses API): the session
+    #: outlives the HTTP request; without `stream` the answer is 202 at once.
+    background: bool = False
     #: Every other body parameter, passed through to providers unchanged.
     extra: dict[str, Any] = attrs.field(factory=dict)
     #: Set by the runtime: who is asking, and for which request and session.
@@ -189,11 +202,8 @@ class ChatRequest:
             raise InvalidRequest("'messages' must contain at least one message", param="messages")
         checked = tuple(_check_message(i, m) for i, m in enumerate(messages))
 
-        stream = body.get("stream", False)
-        if stream is None:
-            stream = False
-        if not isinstance(stream, bool):
-            raise InvalidRequest(f"'stream' must be a boolean, got {type(stream).__name__}", param="stream")
+        stream = _flag(body, "stream")
+        background = _flag(body, "background")
         options = body.get("stream_options")
         include_usage = False
         if options is not None:
@@ -240,6 +250,7 @@ class ChatRequest:
             stop=stops,
             seed=seed,
             user=user,
+            background=background,
             extra={k: v for k, v in body.items() if k not in _KNOWN},
         )
 

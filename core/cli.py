@@ -1,4 +1,4 @@
-"""The `streamvisor` command: serve, chat, plugins, new-plugin.
+"""The `streamvisor` command: serve, chat, plugins, db, new-plugin.
 
 `serve` reads plugins.toml (or builds a config from `--upstream`), starts the
 runtime and serves the API with hypercorn's trio worker until SIGINT/SIGTERM.
@@ -269,6 +269,37 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- db ----------------------------------------------------------------------------
+
+
+def cmd_db(args: argparse.Namespace) -> int:
+    """Run the store's migrations by hand (`upgrade`) or show where they stand
+    (`status`). The plugin whose object has `db_command` is the store."""
+    from streamvisor.hooks.manager import PluginHost
+
+    config = build_config(args)
+    host = PluginHost.from_config(config)
+    stores = [p for p in host if callable(getattr(p.plugin, "db_command", None))]
+    if not stores:
+        print(f"streamvisor: {config.source} enables no store plugin (add a [plugins.store] table)", file=sys.stderr)
+        return 2
+    loaded = stores[0]
+    try:
+        status = loaded.plugin.db_command(args.action, config.source)
+    except Exception as exc:
+        print(f"streamvisor: the store of plugin {loaded.name!r} cannot be opened: {exc}", file=sys.stderr)
+        return 1
+    print(f"store: {status['url']}")
+    for version in status.get("applied_now", []):
+        print(f"applied migration {version}")
+    print(f"schema version: {status['current']} (latest {status['latest']})")
+    for pending in status["pending"]:
+        print(f"pending: {pending['version']} {pending['description']}")
+    if not status["pending"]:
+        print("up to date")
+    return 0
+
+
 # -- new-plugin ------------------------------------------------------------------
 
 
@@ -322,6 +353,11 @@ def parser() -> argparse.ArgumentParser:
     plugins_p = commands.add_parser("plugins", help="list the plugins plugins.toml loads")
     with_config(plugins_p)
     plugins_p.set_defaults(run=cmd_plugins)
+
+    db_p = commands.add_parser("db", help="the store's schema: status, or upgrade it")
+    with_config(db_p)
+    db_p.add_argument("action", choices=("status", "upgrade"), help="status: show the schema version and pending migrations; upgrade: run them")
+    db_p.set_defaults(run=cmd_db)
 
     new_p = commands.add_parser("new-plugin", help="write a ready third-party plugin package to start from")
     new_p.add_argument("name", help="the plugin's name in plugins.toml (lower case; the package is streamvisor-NAME)")

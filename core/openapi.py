@@ -104,6 +104,14 @@ _CHAT_REQUEST = {
         "model": {"type": "string", "minLength": 1, "description": "A model id of GET /v1/models."},
         "messages": {"type": "array", "minItems": 1, "items": _ref("ChatMessage")},
         "stream": {"type": ["boolean", "null"], "default": False, "description": "Answer with Server-Sent Events."},
+        "background": {
+            "type": ["boolean", "null"],
+            "default": False,
+            "description": (
+                "streamvisor's extension: the session outlives the request. Without `stream` the answer is 202 with the session "
+                "object at once; with `stream` the session goes on when the client goes away. Collect it at /v1/sessions/{session_id}."
+            ),
+        },
         "stream_options": {
             "type": ["object", "null"],
             "description": "Only with `stream` true.",
@@ -191,7 +199,7 @@ _SESSION = {
         "identity": {"type": "string"},
         "model": {"type": "string"},
         "provider": {"type": "string"},
-        "state": {"enum": ["pending", "running", "completed", "failed", "stopped", "disconnected", "shutdown"]},
+        "state": {"enum": ["pending", "running", "completed", "failed", "stopped", "disconnected", "shutdown", "interrupted"]},
         "finish_reason": _NULLABLE_STRING,
         "created": {"type": "integer"},
         "chunks": {"type": "integer"},
@@ -209,6 +217,8 @@ _SESSION = {
             "type": ["object", "null"],
             "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "code": _NULLABLE_STRING},
         },
+        "background": {"type": "boolean"},
+        "transcript": {"enum": ["kept", "not_stored", "purged"], "description": "Whether its chunks can still be read."},
     },
 }
 
@@ -236,6 +246,10 @@ _SESSION_ID = {
     "schema": {"type": "string", "pattern": "^[^/]+$"},
 }
 
+def _query_param(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
 _CHAT = {
     "operationId": "createChatCompletion",
     "summary": "Create a chat completion",
@@ -247,6 +261,7 @@ _CHAT = {
     "tags": ["chat"],
     "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ChatCompletionRequest")}}},
     "responses": {
+        "202": json_body("With `background` true and no `stream`: the session, started (X-Session-ID, Location).", _ref("Session")),
         "200": {
             "description": "The completion: a JSON object, or with `stream` true an event stream of `chat.completion.chunk` objects ending with `data: [DONE]`.",
             "content": {
@@ -269,7 +284,7 @@ _CHAT = {
         "404": error_response("No provider serves the model (`model_not_found`)."),
         "405": error_response("Another method than POST."),
         "413": error_response("The body is larger than `[server] max_body_bytes`."),
-        "429": error_response("The upstream provider is rate limiting."),
+        "429": error_response("The upstream provider is rate limiting, or the identity has `[server] max_background_sessions` running."),
         "500": error_response("The server failed to handle the request."),
         "502": error_response("The upstream provider failed."),
         "503": error_response("The server is at one of its limits (`overloaded`, with Retry-After)."),
@@ -294,16 +309,120 @@ CORE_OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
             },
         }
     },
+    "/v1/sessions": {
+        "get": {
+            "operationId": "listSessions",
+            "summary": "List sessions, newest first",
+            "description": "Sessions in memory, and every stored one when the store plugin is on. Cursor pagination: pass `next_cursor` as `after`.",
+            "tags": ["sessions"],
+            "parameters": [
+                _query_param("state", "Only sessions in this state.", {"enum": ["pending", "running", "completed", "failed", "stopped", "disconnected", "shutdown", "interrupted"]}),
+                _query_param("model", "Only sessions of this model.", {"type": "string", "minLength": 1, "maxLength": 256}),
+                _query_param("identity", "Only sessions of this identity.", {"type": "string", "minLength": 1, "maxLength": 256}),
+                _query_param("since", "Created at or after (unix seconds).", {"type": "number", "minimum": 0}),
+                _query_param("until", "Created before (unix seconds).", {"type": "number", "minimum": 0}),
+                _query_param("limit", "At most this many (default 20).", {"type": "integer", "minimum": 1, "maximum": 100}),
+                _query_param("after", "The `next_cursor` of the previous page.", {"type": "string"}),
+            ],
+            "responses": {
+                "200": json_body(
+                    "A page of sessions.",
+                    {
+                        "type": "object",
+                        "required": ["object", "data", "has_more", "next_cursor"],
+                        "properties": {
+                            "object": {"const": "list"},
+                            "data": {"type": "array", "items": _ref("Session")},
+                            "has_more": {"type": "boolean"},
+                            "next_cursor": _NULLABLE_STRING,
+                        },
+                    },
+                ),
+                "400": error_response("A filter is not valid (`param` names it)."),
+                "default": _DEFAULT_ERROR,
+            },
+        }
+    },
     "/v1/sessions/{session_id}": {
         "get": {
             "operationId": "getSession",
             "summary": "A session's state, usage and timings",
-            "description": "Live sessions, and finished ones for `[server] session_retention_seconds`.",
+            "description": "Live sessions, finished ones for `[server] session_retention_seconds`, and with the store plugin every stored one.",
             "tags": ["sessions"],
             "parameters": [_SESSION_ID],
             "responses": {
                 "200": json_body("The session.", _ref("Session")),
-                "404": error_response("No such session (or it is no longer retained)."),
+                "404": error_response("No such session."),
+                "410": error_response("The session was deleted or purged (`session_gone`)."),
+                "default": _DEFAULT_ERROR,
+            },
+        },
+        "delete": {
+            "operationId": "deleteSession",
+            "summary": "Delete a session, its transcript and its usage record",
+            "description": "A live session is stopped first. Later reads answer 410.",
+            "tags": ["sessions"],
+            "parameters": [_SESSION_ID],
+            "responses": {
+                "200": json_body(
+                    "It was deleted.",
+                    {"type": "object", "required": ["id", "object", "deleted"], "properties": {"id": {"type": "string"}, "object": {"const": "session.deleted"}, "deleted": {"const": True}}},
+                ),
+                "404": error_response("No such session."),
+                "410": error_response("Deleted or purged already."),
+                "default": _DEFAULT_ERROR,
+            },
+        },
+    },
+    "/v1/sessions/{session_id}/stream": {
+        "get": {
+            "operationId": "followSession",
+            "summary": "Follow or replay a session's stream",
+            "description": (
+                "The session's chunks in the wire format of its stream, with the same `id:` values: from the start, or after "
+                "`starting_after` or the `Last-Event-ID` header. A live session is followed to its end; a finished one is replayed."
+            ),
+            "tags": ["sessions"],
+            "parameters": [
+                _SESSION_ID,
+                _query_param("starting_after", "Resume after this chunk offset (an `id:` value).", {"type": "integer", "minimum": -1, "maximum": 10**17}),
+                {"name": "Last-Event-ID", "in": "header", "required": False, "description": "Resume after this `id:` (what EventSource sends).", "schema": {"type": "string", "pattern": "^-?[0-9]{1,17}$"}},
+            ],
+            "responses": {
+                "200": {
+                    "description": "An event stream of chat.completion.chunk objects ending with `data: [DONE]` (or the error envelope).",
+                    "content": {
+                        "text/event-stream": {
+                            "schema": {
+                                "type": "object",
+                                "description": "One event, as in the original stream; the first also carries `retry`.",
+                                "required": ["data"],
+                                "properties": {"data": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}},
+                            }
+                        }
+                    },
+                },
+                "400": error_response("`starting_after` or `Last-Event-ID` is not an integer."),
+                "404": error_response("No such session."),
+                "410": error_response("Its chunks are no longer kept (`session_gone`)."),
+                "default": _DEFAULT_ERROR,
+            },
+        }
+    },
+    "/v1/sessions/{session_id}/completion": {
+        "get": {
+            "operationId": "getSessionCompletion",
+            "summary": "A session's output as a chat.completion",
+            "description": "Partial while the session runs (`finish_reason` null, usage estimated); `session` says its state.",
+            "tags": ["sessions"],
+            "parameters": [_SESSION_ID],
+            "responses": {
+                "200": json_body(
+                    "The completion so far.",
+                    {"allOf": [_ref("ChatCompletion")], "required": ["session"], "properties": {"session": {"type": "object"}}},
+                ),
+                "404": error_response("No such session."),
+                "410": error_response("Its chunks are no longer kept (`session_gone`)."),
                 "default": _DEFAULT_ERROR,
             },
         }
@@ -320,7 +439,8 @@ CORE_OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
                     "The session after the stop; `stopped` says whether this call stopped it.",
                     {"allOf": [_ref("Session")], "required": ["stopped"], "properties": {"stopped": {"type": "boolean"}}},
                 ),
-                "404": error_response("No such session (or it is no longer retained)."),
+                "404": error_response("No such session."),
+                "410": error_response("The session was deleted or purged."),
                 "default": _DEFAULT_ERROR,
             },
         }

@@ -9,7 +9,7 @@ context stops live sessions, delivers their terminal events, calls the
 cancels everything left: when `open` returns, no task of the runtime is running.
 
 What plugins may use of a `Runtime` is its public API (documented in
-docs/hooks.md): `config`, `sessions`, `providers`, `events`, `metrics`,
+docs/hooks.md): `config`, `sessions`, `providers`, `events`, `metrics`, `store`,
 `health_checks`, `status_panels()`, `plugin_status()`, `open_session()`. Names
 with a leading underscore are the runtime's own.
 """
@@ -32,12 +32,13 @@ from streamvisor.hooks.manager import PluginHost
 from streamvisor.hooks.markers import deprecated
 
 from .chat import ChatRequest, Delta
-from .errors import InternalError, Overloaded
+from .errors import APIError, InternalError, Overloaded
 from .events import EventDispatcher
 from .faults import PluginError, PluginFaults
 from .health import Health, HealthCheck
 from .openapi import plugin_operations
 from .providers import ProviderRegistry
+from .store import STORE_METHODS, SessionStore
 from .sessions import BufferMeter, Session, SessionActor, SessionRegistry, StreamFn, TransformerFactory, new_id, unwrap
 from .supervisor import ChildSpec, Restart, Supervisor, SupervisorEscalation
 
@@ -130,6 +131,9 @@ class Runtime:
         self._health_checks: dict[str, HealthCheck] = {}
         self._panels: dict[str, dict[str, StatusPanel]] = {}
         self._max_live_sessions = server.max_live_sessions
+        #: The session store a plugin offered (`register_store`), or None.
+        self.store: SessionStore | None = None
+        self._store_plugin: str | None = None
         self._nursery: trio.Nursery | None = None
 
     # -- life cycle -----------------------------------------------------------
@@ -189,6 +193,7 @@ class Runtime:
         await self._call_hook("register_routes", per_plugin(self._add_route))
         await self._call_hook("register_services", per_plugin(self._add_service))
         await self._call_hook("register_health_checks", per_plugin(self._add_check))
+        await self._call_hook("register_store", per_plugin(self._set_store))
         await self._call_hook("register_status_panels", per_plugin(self._add_panel))
         for call in host.implementations("on_event"):
             types = getattr(call.function, "streamvisor_event_types", None)
@@ -276,6 +281,16 @@ class Runtime:
         if not callable(check):
             raise TypeError(f"the health check {name!r} is {check!r}, not an async function")
         self._health_checks[f"{plugin}:{name}"] = check
+
+    def _set_store(self, plugin: str, store: Any) -> None:
+        missing = [name for name in STORE_METHODS if not callable(getattr(store, name, None))]
+        if missing:
+            raise TypeError(f"the store {store!r} lacks the methods {', '.join(missing)}")
+        if self._store_plugin is not None:
+            raise ConfigError(
+                self.config.source, f"plugins.{plugin}", "one session store per server", f"plugin {self._store_plugin!r} offers one already"
+            )
+        self.store, self._store_plugin = store, plugin
 
     def _add_panel(self, plugin: str, name: str, panel: StatusPanel) -> None:
         if not callable(panel):
@@ -451,6 +466,17 @@ class Runtime:
                 f"The server holds {self.config.server.max_buffered_bytes} bytes of streams, its limit; retry shortly.",
                 headers={"Retry-After": "1"},
             )
+        if request.background:
+            limit = self.config.server.max_background_sessions
+            if self.sessions.live_background(request.identity) >= limit:
+                raise APIError(
+                    f"'{request.identity}' has {limit} background sessions running, the limit ([server] max_background_sessions); "
+                    "wait for one to finish or stop one (POST /v1/sessions/{id}/stop).",
+                    status=429,
+                    type="rate_limit_error",
+                    code="too_many_background_sessions",
+                    headers={"Retry-After": "1"},
+                )
         session_id = new_id("sess_")
         request = attrs.evolve(request, session_id=session_id)
         session = Session(
@@ -460,6 +486,7 @@ class Runtime:
             provider=route.provider.name,
             request=request,
             identity=request.identity,
+            background=request.background,
             max_chunks=self.config.server.max_session_chunks,
             events=self.events,
             meter=self.buffers,

@@ -110,6 +110,9 @@ class Session:
     request: ChatRequest
     identity: str = "anonymous"
     max_chunks: int = 100_000
+    #: Started with `background: true`: it outlives its HTTP request, and keeps
+    #: its buffer (for followers) until its retention ends.
+    background: bool = False
     #: pending, running, then completed, failed, stopped, disconnected or shutdown.
     state: str = "pending"
     #: The buffered deltas. Read it; only the runtime appends. Emptied (their
@@ -136,6 +139,8 @@ class Session:
     #: The bytes this session's buffer is counted as in the meter.
     _buffered: int = 0
     _released: bool = False
+    #: Holders of the buffer (`hold()`): while any, release does not drop it.
+    _holds: int = 0
     #: Made by the first follower that waits, set and dropped by the next change:
     #: a chunk appended while nobody waits costs no Event.
     _changed: trio.Event | None = None
@@ -190,6 +195,21 @@ class Session:
         self.scope.cancel()
         return True
 
+    def hold(self) -> None:
+        """Keep the buffer after the session has finished and its opener is done
+        with it, until `unhold()`: for a plugin that reads the chunks later than
+        the client (a store writing them in batches). Every hold needs its
+        unhold; the buffer meter keeps counting a held buffer."""
+        self._holds += 1
+
+    def unhold(self) -> None:
+        """Let go of a `hold()`: the buffer is dropped now if nobody else needs it."""
+        if self._holds <= 0:
+            raise ValueError(f"session {self.id}: unhold() without hold()")
+        self._holds -= 1
+        if not self._holds and self._released and self.finished:
+            self._drop_chunks()
+
     # -- the runtime's side ----------------------------------------------------
 
     def append(self, delta: Delta) -> None:
@@ -208,7 +228,7 @@ class Session:
             self._changed = None
             changed.set()
         self._done.set()
-        if self._released:
+        if self._released and not self._holds:
             self._drop_chunks()
 
     def release(self) -> None:
@@ -219,7 +239,7 @@ class Session:
         collector's full collections walked every one of them (a fifth of the
         server's time at 900 streams/s)."""
         self._released = True
-        if self.finished:
+        if self.finished and not self._holds:
             self._drop_chunks()
 
     def _drop_chunks(self) -> None:
@@ -303,6 +323,8 @@ class Session:
             "timings": self.timings(),
             "usage": usage.to_json(),
             "error": None if self.error is None else {"message": self.error.message, "type": self.error.type, "code": self.error.code},
+            "background": self.background,
+            "transcript": "kept",
         }
 
 
@@ -539,6 +561,8 @@ class SessionRegistry:
         #: seconds, and at a high request rate seconds can hold many buffers.
         self.max_retained = max_retained
         self._live: dict[str, Session] = {}
+        #: Live background sessions per identity.
+        self._background: dict[str, int] = {}
         #: The runtime's buffer meter (set by the runtime).
         self.meter: BufferMeter | None = None
         #: Finished sessions in the order they finished, which is also the order
@@ -598,12 +622,23 @@ class SessionRegistry:
 
     # -- the runtime's side ------------------------------------------------------
 
+    def live_background(self, identity: str) -> int:
+        """How many background sessions of `identity` are live."""
+        return self._background.get(identity, 0)
+
     def add(self, session: Session) -> None:
         self._live[session.id] = session
+        if session.background:
+            self._background[session.identity] = self._background.get(session.identity, 0) + 1
 
     def retire(self, session: Session) -> None:
         """Called once when `session` finishes: start its retention clock."""
-        self._live.pop(session.id, None)
+        if self._live.pop(session.id, None) is not None and session.background:
+            left = self._background.get(session.identity, 0) - 1
+            if left > 0:
+                self._background[session.identity] = left
+            else:
+                self._background.pop(session.identity, None)
         if self.retention <= 0:
             session._unmeter()
             return

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from streamvisor.config.errors import ConfigError
 from streamvisor.config.validators import at_least_one, not_negative, positive
 from streamvisor.core import httpclient
 from streamvisor.core.chat import ChatRequest, Delta, Usage, message_text
@@ -35,6 +36,7 @@ from streamvisor.core.metrics import Labelled
 from streamvisor.core.providers import ModelInfo, Provider, ProviderRegistry, Route
 from streamvisor.core.sessions import Session, SessionRegistry, unwrap
 from streamvisor.core.sse import SSEBoundError, SSEDecoder
+from streamvisor.core.store import INTERRUPTED, SessionQuery, SessionStore, StoredSession, UsageRow
 from streamvisor.core.web import ADMIN_KEY_ENV, admin_key, json_response, read_json, require_admin
 
 from .manager import BUILTIN_PLUGINS, DEFAULT_STACK, ENTRY_POINT_GROUP, LoadedPlugin, PluginHost  # noqa: F401 (the host's, for the CLI and tests)
@@ -69,6 +71,12 @@ __all__ = [
     "Outcome",
     "ListenerStats",
     "TERMINAL_TYPES",
+    # the session store (contract 1.1)
+    "SessionStore",
+    "StoredSession",
+    "SessionQuery",
+    "UsageRow",
+    "INTERRUPTED",
     # errors
     "APIError",
     "InvalidRequest",
@@ -89,7 +97,8 @@ __all__ = [
     "Health",
     "Labelled",
     "log_context",
-    # settings validators
+    # settings
+    "ConfigError",
     "positive",
     "not_negative",
     "at_least_one",

@@ -16,7 +16,7 @@ import warnings
 import pluggy
 
 PROJECT = "streamvisor"
-CONTRACT_VERSION = "1.0"
+CONTRACT_VERSION = "1.1"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)

@@ -116,6 +116,19 @@ def register_health_checks(register, runtime):
 
 
 @hookspec
+def register_store(register, runtime):
+    """Offer the session store: where sessions, transcripts and usage outlive
+    the process (contract 1.1).
+
+    :param register: call ``register(store)`` with an object that has the
+        methods of `SessionStore` (docs/hooks.md). A runtime has at most one
+        store, `runtime.store`; a second is a configuration error. The session
+        routes ask it for what memory no longer holds, and the usage plugin for
+        the ledger.
+    """
+
+
+@hookspec
 def register_status_panels(register, runtime):
     """Publish a status panel: what this plugin shows about itself to operators
     and to other plugins (the admin plugin's /admin/status shows every panel).

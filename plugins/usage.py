@@ -178,7 +178,8 @@ class Tally:
             "duration_ms": round(self.duration_ms, 3),
             "exact": self.estimated == 0,
             "estimated_sessions": self.estimated,
-            "outcomes": {outcome: self.outcomes.get(outcome, 0) for outcome in OUTCOMES},
+            # Sessions recovered after a crash are "interrupted" (the store's).
+            "outcomes": {**{outcome: self.outcomes.get(outcome, 0) for outcome in OUTCOMES}, **{o: n for o, n in self.outcomes.items() if o not in OUTCOMES}},
         }
 
 
@@ -514,6 +515,7 @@ class UsagePlugin:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.ledger = Ledger(settings.retention_seconds, settings.max_records, settings.bucket_seconds, settings.max_buckets)
+        self.runtime: Any = None
 
     # -- the public API --------------------------------------------------------------
 
@@ -558,7 +560,8 @@ class UsagePlugin:
         register("ledger", self.run_ledger)
 
     @hookimpl
-    def register_routes(self, register: Any) -> None:
+    def register_routes(self, register: Any, runtime: Any) -> None:
+        self.runtime = runtime
         register("/v1/usage", self.usage_view, openapi=USAGE_OPENAPI)
         register("/v1/usage/sessions", self.sessions_view, openapi=SESSIONS_OPENAPI)
 
@@ -580,7 +583,38 @@ class UsagePlugin:
 
     async def usage_view(self) -> Any:
         filters = parse_filters(request.args)
-        return json_response(self.totals(**attrs.asdict(filters)))
+        store = None if self.runtime is None else self.runtime.store
+        if store is None:
+            return json_response(self.totals(**attrs.asdict(filters)))
+        return json_response(await self.stored_totals(store, filters))
+
+    async def stored_totals(self, store: Any, filters: Filters) -> dict[str, Any]:
+        """The totals of the store's ledger: it survives restarts, and a long
+        window is one indexed query instead of a walk through memory."""
+        rows = await store.usage(filters.model, filters.provider, filters.identity, filters.since, filters.until)
+        totals = Tally()
+        groups: dict[str, dict[str, Tally]] = {"by_model": {}, "by_provider": {}, "by_identity": {}}
+        for row in rows:
+            part = Tally(
+                sessions=row.sessions,
+                prompt_tokens=row.prompt_tokens,
+                completion_tokens=row.completion_tokens,
+                reasoning_tokens=row.reasoning_tokens,
+                duration_ms=row.duration_ms,
+                estimated=row.estimated,
+                outcomes={row.outcome: row.sessions},
+            )
+            totals.merge(part)
+            for group, name in (("by_model", row.model), ("by_provider", row.provider), ("by_identity", row.identity)):
+                groups[group].setdefault(name, Tally()).merge(part)
+        return {
+            "object": "usage",
+            "filters": filters.to_json(),
+            "totals": totals.to_json(),
+            **{group: {name: tally.to_json() for name, tally in sorted(tallies.items())} for group, tallies in groups.items()},
+            "complete": True,
+            "ledger": {"source": "store"},
+        }
 
     async def sessions_view(self) -> Any:
         filters = parse_filters(request.args, extra=("limit",))
@@ -591,8 +625,12 @@ class UsagePlugin:
             if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LISTED:
                 raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_LISTED}, got '{raw[:40]}'", param="limit")
             limit = int(raw)
-        records = self.records(filters, limit)
-        return json_response({"object": "list", "data": [r.to_json() for r in records], "filters": filters.to_json()})
+        store = None if self.runtime is None else self.runtime.store
+        if store is not None:
+            data = await store.usage_records(filters.model, filters.provider, filters.identity, filters.since, filters.until, limit)
+        else:
+            data = [r.to_json() for r in self.records(filters, limit)]
+        return json_response({"object": "list", "data": data, "filters": filters.to_json()})
 
     # -- recording and folding ---------------------------------------------------------
 

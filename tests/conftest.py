@@ -64,3 +64,53 @@ def require_local_model() -> None:
         if CI:
             pytest.fail("the local model (streamvisor[local]) is not installed, and CI must run its tests")
         pytest.skip("streamvisor[local] is not installed")
+
+
+# -- PostgreSQL: the machine's server, a database of its own per test ------------------
+
+POSTGRES_ADMIN = os.environ.get("STREAMVISOR_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def postgres_reachable() -> bool:
+    try:
+        import psycopg
+
+        with psycopg.connect(POSTGRES_ADMIN, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except Exception:
+        return False
+
+
+def require_postgres() -> None:
+    if not postgres_reachable():
+        if CI:
+            pytest.fail(f"PostgreSQL is not reachable at {POSTGRES_ADMIN}, and CI must run the store's PostgreSQL tests")
+        pytest.skip(f"PostgreSQL is not reachable at {POSTGRES_ADMIN}")
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """The URL of a fresh, empty database, dropped after the test."""
+    require_postgres()
+    import secrets
+
+    import psycopg
+
+    name = f"sv_test_{secrets.token_hex(6)}"
+    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path) -> str:
+    """The store's url on each backend: a SQLite file under tmp_path, or a fresh
+    PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/store.db"
+    return request.getfixturevalue("postgres_url")

@@ -42,6 +42,7 @@ RUNTIME_PUBLIC = {
     "plugin_status",
     "open_session",
     "routes",
+    "store",
 }
 
 

@@ -1,0 +1,152 @@
+"""`python -m bench.store`: what the store costs, on SQLite and on PostgreSQL.
+
+Owns: the benchmark row of the store issue. The default stack of plugins.toml
+is run three ways, alternately in each round (so drift hits all alike), each on a
+fresh server process against the shared fast fake upstream:
+
+- `without`: the default stack without the store plugin;
+- `sqlite`: with the store on a SQLite file in the run's folder;
+- `postgres`: with the store on a fresh database of the PostgreSQL at
+  127.0.0.1:5432 (made for the run and dropped after; `--postgres URL` for
+  another server).
+
+Per concurrency it prints each side's req/s and server CPU per request (the
+median of the rounds), and each store's req/s relative to `without` within the
+same round (the median of those ratios). The target of the issue: at most 15 %
+less throughput at concurrency 32.
+
+    .venv/bin/python -m bench.store --rounds 3 --duration 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import secrets
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from . import servers
+from .report import RESULTS
+from .scenarios import Bench
+from .system import machine, source_state
+
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@contextmanager
+def postgres_database(admin_url: str) -> Iterator[str]:
+    import psycopg
+
+    name = f"sv_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def stacks(workdir: Path, postgres_url: str | None) -> dict[str, list[tuple[str, dict[str, Any]]]]:
+    """The three plugin lists: the default stack without the store, and with it
+    on each backend (the store keeps its place in plugins.toml's order)."""
+    default = servers.default_stack()
+    names = [name for name, _ in default]
+    if "store" not in names:
+        default.insert(names.index("usage") if "usage" in names else len(default), ("store", {}))
+
+    def with_store(url: str | None) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for name, settings in default:
+            if name == "store":
+                if url is None:
+                    continue
+                settings = {**settings, "url": url}
+            out.append((name, settings))
+        return out
+
+    variants = {"without": with_store(None), "sqlite": with_store(f"sqlite:///{workdir}/store.db")}
+    if postgres_url is not None:
+        variants["postgres"] = with_store(postgres_url)
+    return variants
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.store", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--warmup", type=float, default=2.0)
+    parser.add_argument("--concurrency", default="1,32,256")
+    parser.add_argument("--postgres", default=DEFAULT_POSTGRES, help=f"an admin URL of the PostgreSQL to make the run's database in (default {DEFAULT_POSTGRES})")
+    parser.add_argument("--no-postgres", action="store_true", help="SQLite only")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    options = {"duration": args.duration, "warmup": args.warmup, "concurrency": levels}
+    rounds: dict[str, list[dict[int, dict[str, float]]]] = {}
+
+    def progress(text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="streamvisor-bench-store-") as folder, (
+        postgres_database(args.postgres) if not args.no_postgres else _none()
+    ) as pg_url:
+        workdir = Path(folder)
+        bench = Bench(options, workdir, progress)
+        variants = stacks(workdir, pg_url)
+        try:
+            for round_ in range(1, args.rounds + 1):
+                for name, plugins in variants.items():
+                    server, _ = bench.gateway(f"store-{name}", plugins)
+                    upstream = bench.upstream()
+                    figures: dict[int, dict[str, float]] = {}
+                    try:
+                        for level in levels:
+                            progress(f"round {round_} of {args.rounds}: {name}, concurrency {level}, {args.duration} s")
+                            run = bench.load(server.port, level, watch={"server": server.pid, "upstream": upstream.pid})
+                            figures[level] = {"rps": run["rps"], "cpu_ms": run["cpu"]["server"] / run["rps"] * 1000, "p50_ms": run["latency_ms"]["p50"]}
+                    finally:
+                        bench.stop(server)
+                    rounds.setdefault(name, []).append(figures)
+        finally:
+            bench.stop_all()
+
+    def median(name: str, level: int, key: str) -> float:
+        return statistics.median(r[level][key] for r in rounds[name])
+
+    def ratio(name: str, level: int) -> float:
+        return statistics.median(s[level]["rps"] / w[level]["rps"] for s, w in zip(rounds[name], rounds["without"]))
+
+    stores = [name for name in rounds if name != "without"]
+    print(f"\n{args.rounds} rounds, interleaved; medians of the rounds; store/without is paired within each round\n")
+    header = "| concurrency | without req/s | " + " | ".join(f"{s} req/s | {s}/without" for s in stores) + " |"
+    print(header)
+    print("|---:" * (2 + 2 * len(stores)) + "|")
+    for level in levels:
+        cells = [f"{median('without', level, 'rps'):.0f}"] + [f"{median(s, level, 'rps'):.0f} | {ratio(s, level):.3f}" for s in stores]
+        print(f"| {level} | " + " | ".join(cells) + " |")
+    print("\nServer CPU per request, ms (lower is better):\n")
+    print("| concurrency | without | " + " | ".join(stores) + " |")
+    print("|---:" * (2 + len(stores)) + "|")
+    for level in levels:
+        print(f"| {level} | " + " | ".join(f"{median(n, level, 'cpu_ms'):.2f}" for n in ["without", *stores]) + " |")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    out = args.results_dir / f"store-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.write_text(json.dumps({"machine": machine(), "source": source_state(servers.ROOT), "options": options, "rounds": rounds}, indent=2))
+    print(f"\nJSON: {out}")
+    return 0
+
+
+@contextmanager
+def _none() -> Iterator[None]:
+    yield None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

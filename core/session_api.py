@@ -1,0 +1,374 @@
+"""The session routes: read, list, follow, stop and delete sessions.
+
+A session is looked up in memory first (live, or finished within its retention),
+then in the session store when a plugin offers one (`runtime.store`). So a
+session can be read and followed after it left memory, and after a restart.
+
+Following (`GET /v1/sessions/{id}/stream`) sends a session's chunks in the wire
+format of its original stream, with the same `id:` values (the chunk's offset),
+from the beginning or after `Last-Event-ID` / `?starting_after=N`. A live session
+is followed until its end; a finished one is replayed. The first event carries a
+`retry:` hint and a comment keeps the connection alive while nothing happens, so
+an `EventSource` reconnects on its own and resumes where it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, AsyncIterator
+
+import attrs
+import trio
+from quart import Response, g, request
+from quart_trio import QuartTrio
+
+from . import sse
+from .chat import Delta, Usage
+from .errors import APIError, InvalidRequest, NotFound
+from .runtime import Runtime
+from .sessions import Session
+from .store import INTERRUPTED, SessionQuery, StoredSession, decode_cursor, encode_cursor
+from .web import json_response
+
+log = logging.getLogger("streamvisor.http")
+
+#: Sent with the first event of a followed stream: an EventSource reconnects
+#: this many milliseconds after losing it.
+RETRY_MS = 2000
+#: Chunks read from the store per query while replaying.
+PAGE = 500
+#: How often a follower polls the store for a session that is live elsewhere.
+POLL_SECONDS = 0.25
+#: How long a follower waits for the store to catch up with a finished session
+#: whose last chunks are still being written.
+CATCH_UP_SECONDS = 5.0
+MAX_LISTED = 100
+STATES = ("pending", "running", "completed", "failed", "stopped", "disconnected", "shutdown", "interrupted")
+KEEPALIVE = b": keep-alive\n\n"
+
+
+class Gone(APIError):
+    status = 410
+    type = "invalid_request_error"
+    code = "session_gone"
+
+
+def completion_id(session_id: str) -> str:
+    return f"chatcmpl-{session_id.removeprefix('sess_')}"
+
+
+async def find(runtime: Runtime, session_id: str) -> Session | StoredSession:
+    """The session in memory, else in the store; 404, or 410 when the store
+    says it was deleted or purged."""
+    session = runtime.sessions.find(session_id)
+    if session is not None:
+        return session
+    store = runtime.store
+    if store is not None:
+        stored = await store.get(session_id)
+        if stored is not None:
+            return stored
+        why = await store.gone(session_id)
+        if why is not None:
+            raise Gone(f"Session '{session_id}' was {why}: its record is no longer kept.")
+    raise NotFound(f"No session with id '{session_id}' (it never existed, or it is older than the retention and no store keeps it).")
+
+
+# -- query parameters --------------------------------------------------------------
+
+
+def _int_param(value: str | None, name: str, lo: int, hi: int | None = None) -> int | None:
+    if value is None:
+        return None
+    text = value.strip()
+    body = text[1:] if text.startswith("-") else text
+    if not (body.isascii() and body.isdigit()) or len(body) > 18:
+        raise InvalidRequest(f"'{name}' must be an integer, got '{value[:40]}'", param=name)
+    number = int(text)
+    if number < lo or (hi is not None and number > hi):
+        bound = f"from {lo} to {hi}" if hi is not None else f"at least {lo}"
+        raise InvalidRequest(f"'{name}' must be an integer {bound}, got {number}", param=name)
+    return number
+
+
+def _time_param(value: str | None, name: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise InvalidRequest(f"'{name}' must be a time in seconds since the epoch, got '{value[:40]}'", param=name) from None
+    if not math.isfinite(number) or number < 0:
+        raise InvalidRequest(f"'{name}' must be a time in seconds since the epoch, got '{value[:40]}'", param=name)
+    return number
+
+
+def _name_param(value: str | None, name: str) -> str | None:
+    if value is not None and not 1 <= len(value) <= 256:
+        raise InvalidRequest(f"'{name}' must be 1 to 256 characters", param=name)
+    return value
+
+
+def start_offset() -> int:
+    """Where a follower starts: after `?starting_after=N`, else after the
+    `Last-Event-ID` header, else at the beginning."""
+    after = _int_param(request.args.get("starting_after"), "starting_after", -1)
+    if after is None:
+        header = request.headers.get("Last-Event-ID")
+        if header is not None and header.strip():
+            after = _int_param(header, "Last-Event-ID", -1)
+    return 0 if after is None else after + 1
+
+
+def parse_query() -> SessionQuery:
+    args = request.args
+    known = {"state", "model", "identity", "since", "until", "limit", "after"}
+    unknown = sorted(set(args) - known)
+    if unknown:
+        raise InvalidRequest(f"unknown query parameter '{unknown[0]}'; the filters are: {', '.join(sorted(known))}", param=unknown[0])
+    state = args.get("state")
+    if state is not None and state not in STATES:
+        raise InvalidRequest(f"'state' must be one of {', '.join(STATES)}, got '{state[:40]}'", param="state")
+    cursor = args.get("after")
+    return SessionQuery(
+        state=state,
+        model=_name_param(args.get("model"), "model"),
+        identity=_name_param(args.get("identity"), "identity"),
+        since=_time_param(args.get("since"), "since"),
+        until=_time_param(args.get("until"), "until"),
+        limit=_int_param(args.get("limit"), "limit", 1, MAX_LISTED) or 20,
+        after=None if cursor is None else decode_cursor(cursor),
+    )
+
+
+# -- following ---------------------------------------------------------------------
+
+
+def _error_of(stored: StoredSession) -> APIError:
+    error = stored.error or {}
+    return APIError(error.get("message") or "The stream failed.", status=500, type=error.get("type") or "server_error", code=error.get("code"))
+
+
+async def _follow_memory(session: Session, offset: int, keepalive: float) -> AsyncIterator[tuple[int, list[Delta]] | None]:
+    """The buffer from `offset`, batch by batch, until the session ends; None
+    when nothing arrived for `keepalive` seconds."""
+    while True:
+        chunks = session.chunks
+        end = len(chunks)
+        if offset < end:
+            yield offset, chunks[offset:end]
+            offset = end
+        elif session.finished:
+            return
+        else:
+            with trio.move_on_after(keepalive) as scope:
+                await session._wait_change()
+            if scope.cancelled_caught:
+                yield None
+
+
+async def _follow_store(runtime: Runtime, session_id: str, offset: int, keepalive: float, until_count: int | None) -> AsyncIterator[Any]:
+    """The stored chunks from `offset`. While the stored session is live (or
+    until the store holds `until_count` chunks) it polls for more; yields None
+    as a keep-alive, and the final `StoredSession` last."""
+    store = runtime.store
+    assert store is not None
+    idle = 0.0
+    caught_up_by = trio.current_time() + CATCH_UP_SECONDS
+    while True:
+        batch = await store.chunks(session_id, offset, PAGE)
+        if batch:
+            yield offset, batch
+            offset += len(batch)
+            idle = 0.0
+            if len(batch) == PAGE:
+                continue
+        stored = await store.get(session_id)
+        if stored is None:
+            raise Gone(f"Session '{session_id}' was deleted while it was followed.")
+        if until_count is not None:
+            if offset >= until_count or trio.current_time() > caught_up_by:
+                yield stored
+                return
+        elif stored.finished:
+            if offset >= stored.chunks:
+                yield stored
+                return
+            continue
+        await trio.sleep(POLL_SECONDS)
+        idle += POLL_SECONDS
+        if idle >= keepalive:
+            idle = 0.0
+            yield None
+
+
+async def follow(runtime: Runtime, session_id: str) -> Response:
+    offset = start_offset()
+    found = await find(runtime, session_id)
+    keepalive = runtime.config.server.keepalive_seconds
+    if isinstance(found, Session):
+        session = found
+        model, created, include_usage = session.request.model, int(session.created_at), session.request.include_usage
+        if session.dropped_chunks == 0:
+            source: AsyncIterator[Any] = _follow_memory(session, offset, keepalive)
+        elif runtime.store is not None:
+            # Finished, and its buffer let go: the store has (or is about to have) it.
+            source = _follow_store(runtime, session.id, offset, keepalive, until_count=session.chunk_count)
+        else:
+            raise Gone(
+                f"Session '{session_id}' has finished and its chunks are no longer kept: start a session with "
+                "\"background\": true to follow it after its request, or enable the store plugin to replay any session."
+            )
+    else:
+        if found.transcript != "kept":
+            why = "was not stored (store_content = false)" if found.transcript == "not_stored" else "was purged (retention)"
+            raise Gone(f"The transcript of session '{session_id}' {why}.")
+        session = None
+        model, created, include_usage = found.model, int(found.created_at), found.include_usage
+        source = _follow_store(runtime, found.id, offset, keepalive, until_count=None)
+    encoder = sse.ChunkEncoder(completion_id(session_id), model, created)
+    # The body runs after the view has returned, outside the request context.
+    request_id = getattr(g, "request_id", None)
+
+    async def body() -> AsyncIterator[bytes]:
+        # The retry hint rides on the first event with data: a client's decoder
+        # may take an event without data for a broken one.
+        hint = b"retry: %d\n" % RETRY_MS
+        end = offset
+        stored: StoredSession | None = None
+        async for item in source:
+            if item is None:
+                yield KEEPALIVE
+                continue
+            if isinstance(item, StoredSession):
+                stored = item
+                continue
+            start, batch = item
+            end = start + len(batch)
+            yield hint + encoder.chunks(start, batch)
+            hint = b""
+        if session is not None:
+            error = session.error
+            usage: Usage | None = session.usage
+            count = session.chunk_count
+        else:
+            assert stored is not None
+            error = _error_of(stored) if stored.state == "failed" else None
+            if stored.state == INTERRUPTED:
+                error = APIError(
+                    "The session was interrupted: the server running it stopped before it finished. This is the output it had reached.",
+                    status=500,
+                    type="server_error",
+                    code="session_interrupted",
+                )
+            usage, count = stored.usage, max(stored.chunks, end)
+        if error is not None:
+            yield hint + sse.error_event(error, request_id)
+            return
+        if include_usage and usage is not None and offset <= count:
+            yield hint + encoder.usage(count, usage)
+            hint = b""
+        yield hint + sse.DONE
+
+    response = Response(
+        body(),
+        content_type="text/event-stream",
+        headers={"X-Session-ID": session_id, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+    response.timeout = None
+    return response
+
+
+# -- reading -----------------------------------------------------------------------
+
+
+async def transcript(runtime: Runtime, found: Session | StoredSession) -> list[Delta]:
+    """Every delta of a session, from memory when its buffer is whole, else from the store."""
+    if isinstance(found, Session) and found.dropped_chunks == 0:
+        return list(found.chunks)
+    store = runtime.store
+    if store is None:
+        raise Gone(f"Session '{found.id}' has finished and its chunks are no longer kept (no store is configured).")
+    if isinstance(found, StoredSession) and found.transcript != "kept":
+        raise Gone(f"The transcript of session '{found.id}' is not kept ({found.transcript}).")
+    deltas: list[Delta] = []
+    while True:
+        batch = await store.chunks(found.id, len(deltas), PAGE)
+        deltas.extend(batch)
+        if len(batch) < PAGE:
+            return deltas
+
+
+def add_session_routes(app: QuartTrio, runtime: Runtime) -> None:
+    @app.get("/v1/sessions")
+    async def list_sessions() -> Response:
+        query = parse_query()
+        found: dict[str, tuple[float, str, dict[str, Any]]] = {}
+        for session in runtime.sessions:
+            if query.selects(session.state, session.model, session.identity, session.created_at, session.id):
+                found[session.id] = (session.created_at, session.id, session.to_json())
+        if runtime.store is not None:
+            for stored in await runtime.store.sessions(attrs.evolve(query, limit=query.limit + 1)):
+                found.setdefault(stored.id, (stored.created_at, stored.id, stored.to_json()))
+        ordered = sorted(found.values(), key=lambda item: (item[0], item[1]), reverse=True)
+        page = ordered[: query.limit]
+        more = len(ordered) > query.limit
+        cursor = encode_cursor(page[-1][0], page[-1][1]) if page and more else None
+        return json_response({"object": "list", "data": [item[2] for item in page], "has_more": more, "next_cursor": cursor})
+
+    @app.get("/v1/sessions/<session_id>")
+    async def get_session(session_id: str) -> Response:
+        return json_response((await find(runtime, session_id)).to_json())
+
+    @app.get("/v1/sessions/<session_id>/stream")
+    async def follow_session(session_id: str) -> Response:
+        return await follow(runtime, session_id)
+
+    @app.get("/v1/sessions/<session_id>/completion")
+    async def session_completion(session_id: str) -> Response:
+        found = await find(runtime, session_id)
+        deltas = await transcript(runtime, found)
+        if isinstance(found, Session):
+            model, created = found.request.model, int(found.created_at)
+            usage = found.usage
+            if usage is None:
+                text = sum(len(d.content or "") + len(d.reasoning or "") for d in deltas)
+                usage = Usage(found.request.estimate_prompt_tokens(), (text + 3) // 4, exact=False)
+        else:
+            model, created, usage = found.model, int(found.created_at), found.usage or Usage(exact=False)
+        body = sse.completion(completion_id(found.id), model, created, deltas, found.finish_reason, usage)
+        body["session"] = {"id": found.id, "state": found.state, "finished": found.finished}
+        return json_response(body)
+
+    @app.post("/v1/sessions/<session_id>/stop")
+    async def stop_session(session_id: str) -> Response:
+        found = await find(runtime, session_id)
+        stopped = False
+        if isinstance(found, Session):
+            stopped = found.cancel("stopped")
+            if stopped:
+                with trio.move_on_after(5):
+                    await found.wait_done()
+        body = found.to_json()
+        body["stopped"] = stopped
+        return json_response(body)
+
+    @app.delete("/v1/sessions/<session_id>")
+    async def delete_session(session_id: str) -> Response:
+        session = runtime.sessions.find(session_id)
+        deleted = False
+        if session is not None:
+            if session.cancel("stopped"):
+                with trio.move_on_after(5):
+                    await session.wait_done()
+            if not session.finished:
+                raise APIError(f"Session '{session_id}' did not stop within 5 s; try again.", status=409, code="session_busy")
+            runtime.sessions.remove(session_id)
+            deleted = True
+        if runtime.store is not None:
+            deleted = await runtime.store.delete(session_id) or deleted
+        if not deleted:
+            await find(runtime, session_id)  # 404, or 410 when it is gone already
+            raise NotFound(f"No session with id '{session_id}'.")
+        return json_response({"id": session_id, "object": "session.deleted", "deleted": True})

@@ -1,0 +1,180 @@
+"""What the runtime asks of a session store, the one plugin that keeps sessions
+past the process (the built-in `store` plugin, or a third party's).
+
+A plugin offers a store with the `register_store` hook; a runtime has at most
+one (`runtime.store`, None without). The session routes ask it for what memory
+no longer holds: a session that left the registry, the chunks a finished
+session's buffer let go, the sessions to list, a deletion. The usage plugin asks
+it for the ledger, so that usage survives restarts.
+
+Everything here is plain data: a store returns `StoredSession`s and `Delta`s, and
+never hands out its connections.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Protocol, runtime_checkable
+
+import attrs
+
+from .chat import Delta, Usage
+from .errors import InvalidRequest
+
+#: The state of a session whose process died while it was live.
+INTERRUPTED = "interrupted"
+
+
+@attrs.frozen
+class StoredSession:
+    """A session as a store keeps it: its metadata, and what it knows of its
+    transcript. `to_json()` is the same object `GET /v1/sessions/{id}` gives for
+    a session in memory."""
+
+    id: str
+    request_id: str
+    identity: str
+    model: str
+    provider: str
+    #: pending, running (while live), completed, failed, stopped, disconnected,
+    #: shutdown, or interrupted (its process died while it was live).
+    state: str
+    #: Wall-clock seconds since the epoch.
+    created_at: float
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    #: The error a failed session ended with: {"message", "type", "code"}.
+    error: dict[str, Any] | None = None
+    #: Chunks the store holds (for a live session: written so far).
+    chunks: int = 0
+    timings: dict[str, float | None] = attrs.field(factory=dict)
+    background: bool = False
+    #: Whether the client asked for the usage chunk (`stream_options.include_usage`).
+    include_usage: bool = False
+    #: "kept", "not_stored" (store_content = false) or "purged" (retention).
+    transcript: str = "kept"
+
+    @property
+    def finished(self) -> bool:
+        return self.state not in ("pending", "running")
+
+    def to_json(self) -> dict[str, Any]:
+        usage = self.usage or Usage(exact=False)
+        return {
+            "id": self.id,
+            "object": "session",
+            "request_id": self.request_id,
+            "identity": self.identity,
+            "model": self.model,
+            "provider": self.provider,
+            "state": self.state,
+            "finish_reason": self.finish_reason,
+            "created": int(self.created_at),
+            "chunks": self.chunks,
+            "timings": dict(self.timings),
+            "usage": usage.to_json(),
+            "error": self.error,
+            "background": self.background,
+            "transcript": self.transcript,
+        }
+
+
+@attrs.frozen
+class SessionQuery:
+    """What `GET /v1/sessions` selects; None means any. Times are wall-clock
+    seconds, `since` inclusive and `until` exclusive, on the creation time.
+    Results are newest first; `after` is the (created_at, id) of the last one
+    seen, from the cursor."""
+
+    state: str | None = None
+    model: str | None = None
+    identity: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int = 20
+    after: tuple[float, str] | None = None
+
+    def selects(self, state: str, model: str, identity: str, created_at: float, session_id: str) -> bool:
+        """Whether a session passes the filters and lies past the cursor."""
+        if self.after is not None and (created_at, session_id) >= self.after:
+            return False
+        return (
+            (self.state is None or state == self.state)
+            and (self.model is None or model == self.model)
+            and (self.identity is None or identity == self.identity)
+            and (self.since is None or created_at >= self.since)
+            and (self.until is None or created_at < self.until)
+        )
+
+
+def encode_cursor(created_at: float, session_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{created_at!r}|{session_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """The (created_at, id) of a cursor; a 400 naming `after` when it is not one of ours."""
+    try:
+        padded = cursor + "=" * (-len(cursor) % 4)
+        at, _, session_id = base64.urlsafe_b64decode(padded.encode("ascii")).decode().partition("|")
+        if not session_id:
+            raise ValueError
+        return float(at), session_id
+    except (ValueError, UnicodeError):
+        raise InvalidRequest("'after' is not a cursor this server gave out", param="after") from None
+
+
+@attrs.frozen
+class UsageRow:
+    """The usage of every finished session of one (model, provider, identity,
+    outcome), summed by a store."""
+
+    model: str
+    provider: str
+    identity: str
+    outcome: str
+    sessions: int
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+    duration_ms: float
+    #: Sessions whose counts were estimated.
+    estimated: int
+
+
+@runtime_checkable
+class SessionStore(Protocol):
+    """The methods a store offers. Every one is async and may raise an
+    `APIError` (a 503 when the database cannot answer)."""
+
+    async def get(self, session_id: str) -> StoredSession | None:
+        """The stored session, or None."""
+
+    async def gone(self, session_id: str) -> str | None:
+        """Why a session the store no longer has is gone ("deleted" or
+        "purged"), or None when it never had it."""
+
+    async def chunks(self, session_id: str, start: int, limit: int) -> list[Delta]:
+        """The session's deltas from offset `start` on, at most `limit` of them
+        (fewer, or none, when it holds no more yet)."""
+
+    async def sessions(self, query: SessionQuery) -> list[StoredSession]:
+        """The sessions the query selects, newest first, at most `query.limit`."""
+
+    async def delete(self, session_id: str) -> bool:
+        """Delete a session with its transcript and its usage record (a privacy
+        request). Returns whether there was one."""
+
+    async def usage(
+        self, model: str | None, provider: str | None, identity: str | None, since: float | None, until: float | None
+    ) -> list[UsageRow]:
+        """The usage of the sessions that finished in [since, until), summed."""
+
+    async def usage_records(
+        self, model: str | None, provider: str | None, identity: str | None, since: float | None, until: float | None, limit: int
+    ) -> list[dict[str, Any]]:
+        """The individual usage records, newest first: the fields of the usage
+        plugin's `UsageRecord.to_json()`."""
+
+
+#: The methods `register_store` checks a store has.
+STORE_METHODS = ("get", "gone", "chunks", "sessions", "delete", "usage", "usage_records")

@@ -1,0 +1,329 @@
+"""What the store writes and reads, as functions of a `Conn` (one transaction).
+
+Every write is idempotent (INSERT ... ON CONFLICT), so a batch that failed can be
+written again whole without duplicating a chunk or a usage record.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import orjson
+
+from streamvisor.hooks import Delta, SessionQuery, StoredSession, Usage, UsageRow
+
+from .db import Conn
+
+#: The session states a live session has.
+LIVE = ("pending", "running")
+
+# -- the writes ------------------------------------------------------------------------
+
+
+def encode_deltas(deltas: Sequence[Delta]) -> str:
+    """A batch of deltas as JSON: a delta that is only content is its string,
+    any other an object of its fields (c, r, o, t, f)."""
+    items: list[Any] = []
+    append = items.append
+    for d in deltas:
+        if d.reasoning is None and d.role is None and d.tool_calls is None and d.finish_reason is None and d.content is not None:
+            append(d.content)
+            continue
+        out: dict[str, Any] = {}
+        if d.content is not None:
+            out["c"] = d.content
+        if d.reasoning is not None:
+            out["r"] = d.reasoning
+        if d.role is not None:
+            out["o"] = d.role
+        if d.tool_calls is not None:
+            out["t"] = d.tool_calls
+        if d.finish_reason is not None:
+            out["f"] = d.finish_reason
+        append(out)
+    return orjson.dumps(items).decode()
+
+
+def decode_delta(data: Any) -> Delta:
+    if isinstance(data, str):
+        return Delta(content=data)
+    return Delta(content=data.get("c"), reasoning=data.get("r"), role=data.get("o"), tool_calls=data.get("t"), finish_reason=data.get("f"))
+
+
+#: The columns of a session row, in the order of the tuples the plugin builds.
+ROW_COLUMNS = (
+    "id", "request_id", "identity", "model", "provider", "state", "owner", "background", "include_usage", "created_at", "updated_at",
+    "finished_at", "started_ms", "first_token_ms", "duration_ms", "finish_reason", "error", "chunk_count", "output_chars",
+    "prompt_estimate", "prompt_tokens", "completion_tokens", "reasoning_tokens", "usage_exact", "transcript", "request",
+)
+#: What an upsert changes of a stored row: a state already final stays (a late
+#: snapshot never revives a session), the request only when given.
+_ROW_UPDATE = ", ".join(
+    [
+        "state = CASE WHEN sessions.state IN ('pending', 'running') THEN excluded.state ELSE sessions.state END",
+        *(f"{c} = excluded.{c}" for c in (
+            "updated_at", "finished_at", "started_ms", "first_token_ms", "duration_ms", "finish_reason", "error", "chunk_count",
+            "output_chars", "prompt_tokens", "completion_tokens", "reasoning_tokens", "usage_exact",
+        )),
+        "request = COALESCE(excluded.request, sessions.request)",
+    ]
+)
+#: The columns of a usage record, in the order of the plugin's tuples.
+USAGE_COLUMNS = (
+    "session_id", "request_id", "model", "provider", "identity", "outcome", "finished_at", "prompt_tokens", "completion_tokens",
+    "reasoning_tokens", "duration_ms", "first_token_ms", "exact",
+)
+#: Rows per multi-row statement (SQLite allows 32,766 parameters in one).
+_ROWS_PER_STATEMENT = 200
+
+
+def _insert_many(conn: Conn, head: str, width: int, rows: Sequence[Sequence[Any]], tail: str = "") -> None:
+    """Insert many rows at once. SQLite: many rows per statement, since each
+    statement's step releases and retakes the GIL (and the trio thread then
+    waits for it). PostgreSQL: one statement, run for every row in a pipeline
+    by psycopg's executemany: one round trip, and a query parsed and prepared
+    once (a statement of a different length per batch would be parsed every
+    time)."""
+    placeholders = "(" + ", ".join("?" * width) + ")"
+    if conn.dialect == "postgres":
+        conn.many(f"{head} VALUES {placeholders} {tail}", rows)
+        return
+    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
+        part = rows[start : start + _ROWS_PER_STATEMENT]
+        params = [value for row in part for value in row]
+        conn.execute(f"{head} VALUES {', '.join([placeholders] * len(part))} {tail}", params)
+
+
+def write(conn: Conn, sessions: Sequence[Sequence[Any]], chunks: Sequence[Sequence[Any]], records: Sequence[Sequence[Any]]) -> None:
+    """Write a batch in three multi-row statements, whatever its size: session
+    rows (`ROW_COLUMNS`, upserted), chunk batches (session, first offset,
+    count, `encode_deltas`) and usage records (`USAGE_COLUMNS`). The rows are
+    made by the caller, on the trio thread: here only the database works."""
+    if sessions:
+        _insert_many(conn, f"INSERT INTO sessions ({', '.join(ROW_COLUMNS)})", len(ROW_COLUMNS), sessions, f"ON CONFLICT (id) DO UPDATE SET {_ROW_UPDATE}")
+    if chunks:
+        _insert_many(conn, "INSERT INTO chunks (session_id, seq, count, data)", 4, chunks, "ON CONFLICT (session_id, seq) DO NOTHING")
+    if records:
+        _insert_many(conn, f"INSERT INTO usage_records ({', '.join(USAGE_COLUMNS)})", len(USAGE_COLUMNS), records, "ON CONFLICT (session_id) DO NOTHING")
+
+
+def recover(conn: Conn, owner: str) -> list[str]:
+    """Mark this owner's sessions that were live when its process died
+    `interrupted`, keeping the output they reached, and record their usage:
+    the counts they had, else estimates (never exact: the stream was cut)."""
+    ids = [row[0] for row in conn.all("SELECT id FROM sessions WHERE state IN ('pending', 'running') AND owner = ?", (owner,))]
+    for session_id in ids:
+        conn.execute(
+            "UPDATE sessions SET state = 'interrupted', finished_at = updated_at, duration_ms = (updated_at - created_at) * 1000,"
+            " prompt_tokens = COALESCE(prompt_tokens, prompt_estimate),"
+            " completion_tokens = CASE WHEN completion_tokens IS NULL OR completion_tokens * 4 < output_chars THEN (output_chars + 3) / 4 ELSE completion_tokens END,"
+            " reasoning_tokens = COALESCE(reasoning_tokens, 0), usage_exact = 0 WHERE id = ?",
+            (session_id,),
+        )
+        conn.execute(
+            "INSERT INTO usage_records (session_id, request_id, model, provider, identity, outcome, finished_at, prompt_tokens, completion_tokens,"
+            " reasoning_tokens, duration_ms, first_token_ms, exact) SELECT id, request_id, model, provider, identity, 'interrupted', finished_at,"
+            " prompt_tokens, completion_tokens, reasoning_tokens, duration_ms, first_token_ms, 0 FROM sessions WHERE id = ?"
+            " ON CONFLICT (session_id) DO NOTHING",
+            (session_id,),
+        )
+    return ids
+
+
+# -- the reads ---------------------------------------------------------------------------
+
+_SESSION_COLUMNS = (
+    "id, request_id, identity, model, provider, state, created_at, finish_reason, error, chunk_count, started_ms, first_token_ms,"
+    " duration_ms, prompt_tokens, completion_tokens, reasoning_tokens, usage_exact, background, include_usage, transcript, updated_at"
+)
+
+
+def _stored(row: Sequence[Any]) -> StoredSession:
+    (
+        session_id, request_id, identity, model, provider, state, created_at, finish_reason, error, chunk_count, started_ms,
+        first_token_ms, duration_ms, prompt_tokens, completion_tokens, reasoning_tokens, usage_exact, background, include_usage,
+        transcript, updated_at,
+    ) = row
+    usage = None
+    if prompt_tokens is not None or completion_tokens is not None:
+        usage = Usage(int(prompt_tokens or 0), int(completion_tokens or 0), int(reasoning_tokens or 0), exact=bool(usage_exact))
+    if duration_ms is None:
+        duration_ms = round((updated_at - created_at) * 1000, 3)
+    return StoredSession(
+        id=session_id,
+        request_id=request_id,
+        identity=identity,
+        model=model,
+        provider=provider,
+        state=state,
+        created_at=float(created_at),
+        finish_reason=finish_reason,
+        usage=usage,
+        error=None if error is None else json.loads(error),
+        chunks=int(chunk_count),
+        timings={
+            "started_ms": started_ms,
+            "first_token_ms": first_token_ms,
+            "finished_ms": duration_ms if state not in LIVE else None,
+            "duration_ms": duration_ms,
+        },
+        background=bool(background),
+        include_usage=bool(include_usage),
+        transcript=transcript,
+    )
+
+
+def get(conn: Conn, session_id: str) -> StoredSession | None:
+    row = conn.one(f"SELECT {_SESSION_COLUMNS} FROM sessions WHERE id = ?", (session_id,))
+    return None if row is None else _stored(row)
+
+
+def gone(conn: Conn, session_id: str) -> str | None:
+    row = conn.one("SELECT reason FROM tombstones WHERE session_id = ?", (session_id,))
+    return None if row is None else row[0]
+
+
+def chunks(conn: Conn, session_id: str, start: int, limit: int) -> list[Delta]:
+    rows = conn.all(
+        "SELECT seq, count, data FROM chunks WHERE session_id = ? AND seq < ? AND seq + count > ? ORDER BY seq",
+        (session_id, start + limit, start),
+    )
+    out: list[Delta] = []
+    expected = start
+    for seq, count, data in rows:
+        deltas = orjson.loads(data)
+        if seq > expected:
+            break  # a gap (a batch not written yet): stop before it
+        skip = expected - seq
+        for item in deltas[skip:]:
+            out.append(decode_delta(item))
+        expected = seq + count
+    return out[:limit]
+
+
+def sessions(conn: Conn, query: SessionQuery) -> list[StoredSession]:
+    where: list[str] = []
+    params: list[Any] = []
+    for column, value in (("state", query.state), ("model", query.model), ("identity", query.identity)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if query.since is not None:
+        where.append("created_at >= ?")
+        params.append(query.since)
+    if query.until is not None:
+        where.append("created_at < ?")
+        params.append(query.until)
+    if query.after is not None:
+        at, session_id = query.after
+        where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+        params.extend((at, at, session_id))
+    clause = f" WHERE {' AND '.join(where)}" if where else ""
+    rows = conn.all(f"SELECT {_SESSION_COLUMNS} FROM sessions{clause} ORDER BY created_at DESC, id DESC LIMIT ?", (*params, query.limit))
+    return [_stored(row) for row in rows]
+
+
+def delete(conn: Conn, session_id: str, at: float, known: bool = False) -> bool:
+    """Delete a session's rows and leave a tombstone (later reads answer 410),
+    when there was something to delete or the caller `known`s the session."""
+    found = conn.one("SELECT 1 FROM sessions WHERE id = ?", (session_id,)) is not None
+    found = conn.one("SELECT 1 FROM usage_records WHERE session_id = ?", (session_id,)) is not None or found
+    if not (found or known):
+        return False
+    conn.execute("DELETE FROM chunks WHERE session_id = ?", (session_id,))
+    conn.execute("DELETE FROM usage_records WHERE session_id = ?", (session_id,))
+    conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+    conn.execute(
+        "INSERT INTO tombstones (session_id, reason, at) VALUES (?, 'deleted', ?) ON CONFLICT (session_id) DO UPDATE SET reason = excluded.reason, at = excluded.at",
+        (session_id, at),
+    )
+    return found
+
+
+def _usage_where(model: str | None, provider: str | None, identity: str | None, since: float | None, until: float | None) -> tuple[str, list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    for column, value in (("model", model), ("provider", provider), ("identity", identity)):
+        if value is not None:
+            where.append(f"{column} = ?")
+            params.append(value)
+    if since is not None:
+        where.append("finished_at >= ?")
+        params.append(since)
+    if until is not None:
+        where.append("finished_at < ?")
+        params.append(until)
+    return (f" WHERE {' AND '.join(where)}" if where else ""), params
+
+
+def usage(conn: Conn, model: str | None, provider: str | None, identity: str | None, since: float | None, until: float | None) -> list[UsageRow]:
+    clause, params = _usage_where(model, provider, identity, since, until)
+    rows = conn.all(
+        "SELECT model, provider, identity, outcome, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(reasoning_tokens),"
+        f" SUM(duration_ms), SUM(1 - exact) FROM usage_records{clause} GROUP BY model, provider, identity, outcome",
+        params,
+    )
+    return [
+        UsageRow(m, p, i, o, int(n), int(pt or 0), int(ct or 0), int(rt or 0), float(d or 0.0), int(e or 0))
+        for m, p, i, o, n, pt, ct, rt, d, e in rows
+    ]
+
+
+def usage_records(
+    conn: Conn, model: str | None, provider: str | None, identity: str | None, since: float | None, until: float | None, limit: int
+) -> list[dict[str, Any]]:
+    clause, params = _usage_where(model, provider, identity, since, until)
+    rows = conn.all(
+        "SELECT session_id, request_id, model, provider, identity, outcome, finished_at, prompt_tokens, completion_tokens, reasoning_tokens,"
+        f" duration_ms, first_token_ms, exact FROM usage_records{clause} ORDER BY finished_at DESC LIMIT ?",
+        (*params, limit),
+    )
+    return [
+        {
+            "session_id": r[0], "request_id": r[1], "model": r[2], "provider": r[3], "identity": r[4], "outcome": r[5],
+            "finished_at": round(float(r[6]), 3), "prompt_tokens": int(r[7]), "completion_tokens": int(r[8]), "reasoning_tokens": int(r[9]),
+            "total_tokens": int(r[7]) + int(r[8]), "duration_ms": float(r[10]), "first_token_ms": r[11], "exact": bool(r[12]),
+        }
+        for r in rows
+    ]
+
+
+# -- retention ---------------------------------------------------------------------------
+
+#: Rows one purge statement touches at most: a purge never holds a long lock.
+PURGE_BATCH = 500
+
+
+def purge_transcripts(conn: Conn, before: float) -> int:
+    # created_at's index finds the candidates; a session finishes after it was created.
+    ids = [r[0] for r in conn.all(
+        "SELECT id FROM sessions WHERE created_at < ? AND finished_at < ? AND transcript = 'kept' LIMIT ?", (before, before, PURGE_BATCH)
+    )]
+    for session_id in ids:
+        conn.execute("DELETE FROM chunks WHERE session_id = ?", (session_id,))
+        conn.execute("UPDATE sessions SET transcript = 'purged', request = NULL WHERE id = ?", (session_id,))
+    return len(ids)
+
+
+def purge_metadata(conn: Conn, before: float, at: float) -> int:
+    ids = [r[0] for r in conn.all("SELECT id FROM sessions WHERE created_at < ? AND finished_at < ? LIMIT ?", (before, before, PURGE_BATCH))]
+    for session_id in ids:
+        conn.execute("DELETE FROM chunks WHERE session_id = ?", (session_id,))
+        conn.execute("DELETE FROM sessions WHERE id = ?", (session_id,))
+        conn.execute(
+            "INSERT INTO tombstones (session_id, reason, at) VALUES (?, 'purged', ?) ON CONFLICT (session_id) DO NOTHING", (session_id, at)
+        )
+    return len(ids)
+
+
+def purge_usage(conn: Conn, before: float) -> int:
+    ids = [r[0] for r in conn.all("SELECT session_id FROM usage_records WHERE finished_at < ? LIMIT ?", (before, PURGE_BATCH))]
+    conn.many("DELETE FROM usage_records WHERE session_id = ?", [(i,) for i in ids])
+    return len(ids)
+
+
+def purge_tombstones(conn: Conn, before: float) -> int:
+    ids = [r[0] for r in conn.all("SELECT session_id FROM tombstones WHERE at < ? LIMIT ?", (before, PURGE_BATCH))]
+    conn.many("DELETE FROM tombstones WHERE session_id = ?", [(i,) for i in ids])
+    return len(ids)

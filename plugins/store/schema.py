@@ -1,0 +1,84 @@
+"""The store's schema, as numbered migrations.
+
+Each migration is a list of statements that both SQLite and PostgreSQL accept:
+TEXT, BIGINT, SMALLINT (0/1 for flags) and DOUBLE PRECISION columns, JSON kept as
+TEXT, no foreign keys (a batch of chunks may be written before its session row
+when the row's write was retried). `schema_migrations` records what ran; start-up
+runs what is missing, and `streamvisor db upgrade` does the same by hand.
+"""
+
+from __future__ import annotations
+
+#: (version, what it does, statements)
+MIGRATIONS: list[tuple[int, str, list[str]]] = [
+    (
+        1,
+        "sessions, chunks, usage records and tombstones",
+        [
+            """CREATE TABLE sessions (
+                id TEXT PRIMARY KEY,
+                request_id TEXT NOT NULL,
+                identity TEXT NOT NULL,
+                model TEXT NOT NULL,
+                provider TEXT NOT NULL,
+                state TEXT NOT NULL,
+                owner TEXT NOT NULL,
+                background SMALLINT NOT NULL DEFAULT 0,
+                include_usage SMALLINT NOT NULL DEFAULT 0,
+                created_at DOUBLE PRECISION NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL,
+                finished_at DOUBLE PRECISION,
+                started_ms DOUBLE PRECISION,
+                first_token_ms DOUBLE PRECISION,
+                duration_ms DOUBLE PRECISION,
+                finish_reason TEXT,
+                error TEXT,
+                chunk_count BIGINT NOT NULL DEFAULT 0,
+                output_chars BIGINT NOT NULL DEFAULT 0,
+                prompt_estimate BIGINT NOT NULL DEFAULT 0,
+                prompt_tokens BIGINT,
+                completion_tokens BIGINT,
+                reasoning_tokens BIGINT,
+                usage_exact SMALLINT,
+                transcript TEXT NOT NULL DEFAULT 'kept',
+                request TEXT
+            )""",
+            "CREATE INDEX sessions_created ON sessions (created_at, id)",
+            # Partial: only live rows are in it, so a session costs it an insert
+            # and a delete, and recovery at start-up finds its rows at once.
+            "CREATE INDEX sessions_live ON sessions (owner) WHERE state IN ('pending', 'running')",
+            """CREATE TABLE chunks (
+                session_id TEXT NOT NULL,
+                seq BIGINT NOT NULL,
+                count INTEGER NOT NULL,
+                data TEXT NOT NULL,
+                PRIMARY KEY (session_id, seq)
+            )""",
+            """CREATE TABLE usage_records (
+                session_id TEXT PRIMARY KEY,
+                request_id TEXT NOT NULL,
+                model TEXT NOT NULL,
+                provider TEXT NOT NULL,
+                identity TEXT NOT NULL,
+                outcome TEXT NOT NULL,
+                finished_at DOUBLE PRECISION NOT NULL,
+                prompt_tokens BIGINT NOT NULL,
+                completion_tokens BIGINT NOT NULL,
+                reasoning_tokens BIGINT NOT NULL,
+                duration_ms DOUBLE PRECISION NOT NULL,
+                first_token_ms DOUBLE PRECISION,
+                exact SMALLINT NOT NULL
+            )""",
+            "CREATE INDEX usage_finished ON usage_records (finished_at)",
+            "CREATE INDEX usage_identity ON usage_records (identity, finished_at)",
+            """CREATE TABLE tombstones (
+                session_id TEXT PRIMARY KEY,
+                reason TEXT NOT NULL,
+                at DOUBLE PRECISION NOT NULL
+            )""",
+            "CREATE INDEX tombstones_at ON tombstones (at)",
+        ],
+    ),
+]
+
+LATEST = MIGRATIONS[-1][0]
