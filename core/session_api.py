@@ -14,6 +14,7 @@ an `EventSource` reconnects on its own and resumes where it was.
 
 from __future__ import annotations
 
+import heapq
 import logging
 import math
 from typing import Any, AsyncIterator
@@ -304,18 +305,19 @@ def add_session_routes(app: QuartTrio, runtime: Runtime) -> None:
     @app.get("/v1/sessions")
     async def list_sessions() -> Response:
         query = parse_query()
-        found: dict[str, tuple[float, str, dict[str, Any]]] = {}
+        found: dict[str, tuple[float, str, Session | StoredSession]] = {}
         for session in runtime.sessions:
             if query.selects(session.state, session.model, session.identity, session.created_at, session.id):
-                found[session.id] = (session.created_at, session.id, session.to_json())
+                found[session.id] = (session.created_at, session.id, session)
         if runtime.store is not None:
             for stored in await runtime.store.sessions(attrs.evolve(query, limit=query.limit + 1)):
-                found.setdefault(stored.id, (stored.created_at, stored.id, stored.to_json()))
-        ordered = sorted(found.values(), key=lambda item: (item[0], item[1]), reverse=True)
-        page = ordered[: query.limit]
-        more = len(ordered) > query.limit
+                # Memory is fresher than the store for a session in both.
+                found.setdefault(stored.id, (stored.created_at, stored.id, stored))
+        # Only the page is made into JSON, whatever memory holds.
+        ordered = heapq.nlargest(query.limit + 1, found.values(), key=lambda item: (item[0], item[1]))
+        page, more = ordered[: query.limit], len(ordered) > query.limit
         cursor = encode_cursor(page[-1][0], page[-1][1]) if page and more else None
-        return json_response({"object": "list", "data": [item[2] for item in page], "has_more": more, "next_cursor": cursor})
+        return json_response({"object": "list", "data": [item[2].to_json() for item in page], "has_more": more, "next_cursor": cursor})
 
     @app.get("/v1/sessions/<session_id>")
     async def get_session(session_id: str) -> Response:

@@ -324,7 +324,6 @@ class Session:
             "usage": usage.to_json(),
             "error": None if self.error is None else {"message": self.error.message, "type": self.error.type, "code": self.error.code},
             "background": self.background,
-            "transcript": "kept",
         }
 
 

@@ -74,25 +74,41 @@ USAGE_COLUMNS = (
     "session_id", "request_id", "model", "provider", "identity", "outcome", "finished_at", "prompt_tokens", "completion_tokens",
     "reasoning_tokens", "duration_ms", "first_token_ms", "exact",
 )
-#: Rows per multi-row statement (SQLite allows 32,766 parameters in one).
-_ROWS_PER_STATEMENT = 200
+#: SQLite: rows per multi-row statement, largest first. A batch is written in
+#: groups of these sizes, so each table has three statement texts, prepared
+#: once and then reused from sqlite3's statement cache.
+_GROUPS = (32, 8, 1)
 
+def _insert_many(conn: Conn, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], tail: str = "") -> None:
+    """Insert many rows with few statements, whose text does not depend on the
+    number of rows.
 
-def _insert_many(conn: Conn, head: str, width: int, rows: Sequence[Sequence[Any]], tail: str = "") -> None:
-    """Insert many rows at once. SQLite: many rows per statement, since each
-    statement's step releases and retakes the GIL (and the trio thread then
-    waits for it). PostgreSQL: one statement, run for every row in a pipeline
-    by psycopg's executemany: one round trip, and a query parsed and prepared
-    once (a statement of a different length per batch would be parsed every
-    time)."""
-    placeholders = "(" + ", ".join("?" * width) + ")"
+    - SQLite: multi-row VALUES in groups of `_GROUPS`. Each statement's step
+      releases and retakes the GIL (and the trio thread waits for it); a row
+      within a statement does not.
+    - PostgreSQL: a one-row statement run for every row by psycopg's
+      executemany, in one pipeline (one round trip). Its text is parsed once
+      and prepared on its fifth use; psycopg never caches a statement of more
+      than 50 parameters, so multi-row VALUES would be parsed in Python every
+      time (measured: 2 to 4 times the client's CPU), and `unnest` of one array
+      per column cost as much as executemany.
+    """
+    if not rows:
+        return
+    head = f"INSERT INTO {table} ({', '.join(columns)})"
+    placeholders = "(" + ", ".join("?" * len(columns)) + ")"
     if conn.dialect == "postgres":
         conn.many(f"{head} VALUES {placeholders} {tail}", rows)
         return
-    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-        part = rows[start : start + _ROWS_PER_STATEMENT]
-        params = [value for row in part for value in row]
-        conn.execute(f"{head} VALUES {', '.join([placeholders] * len(part))} {tail}", params)
+    start, total = 0, len(rows)
+    for size in _GROUPS:
+        if total - start < size:
+            continue
+        sql = f"{head} VALUES {', '.join([placeholders] * size)} {tail}"
+        while total - start >= size:
+            part = rows[start : start + size]
+            conn.execute(sql, [value for row in part for value in row])
+            start += size
 
 
 def write(conn: Conn, sessions: Sequence[Sequence[Any]], chunks: Sequence[Sequence[Any]], records: Sequence[Sequence[Any]]) -> None:
@@ -100,12 +116,9 @@ def write(conn: Conn, sessions: Sequence[Sequence[Any]], chunks: Sequence[Sequen
     rows (`ROW_COLUMNS`, upserted), chunk batches (session, first offset,
     count, `encode_deltas`) and usage records (`USAGE_COLUMNS`). The rows are
     made by the caller, on the trio thread: here only the database works."""
-    if sessions:
-        _insert_many(conn, f"INSERT INTO sessions ({', '.join(ROW_COLUMNS)})", len(ROW_COLUMNS), sessions, f"ON CONFLICT (id) DO UPDATE SET {_ROW_UPDATE}")
-    if chunks:
-        _insert_many(conn, "INSERT INTO chunks (session_id, seq, count, data)", 4, chunks, "ON CONFLICT (session_id, seq) DO NOTHING")
-    if records:
-        _insert_many(conn, f"INSERT INTO usage_records ({', '.join(USAGE_COLUMNS)})", len(USAGE_COLUMNS), records, "ON CONFLICT (session_id) DO NOTHING")
+    _insert_many(conn, "sessions", ROW_COLUMNS, sessions, f"ON CONFLICT (id) DO UPDATE SET {_ROW_UPDATE}")
+    _insert_many(conn, "chunks", ("session_id", "seq", "count", "data"), chunks, "ON CONFLICT (session_id, seq) DO NOTHING")
+    _insert_many(conn, "usage_records", USAGE_COLUMNS, records, "ON CONFLICT (session_id) DO NOTHING")
 
 
 def recover(conn: Conn, owner: str) -> list[str]:
