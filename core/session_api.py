@@ -170,33 +170,52 @@ async def _follow_memory(session: Session, offset: int, keepalive: float) -> Asy
 
 
 async def _follow_store(runtime: Runtime, session_id: str, offset: int, keepalive: float, until_count: int | None) -> AsyncIterator[Any]:
-    """The stored chunks from `offset`. While the stored session is live (or
-    until the store holds `until_count` chunks) it polls for more; yields None
-    as a keep-alive, and the final `StoredSession` last."""
+    """The stored chunks from `offset`: batches of (offset, deltas), None as a
+    keep-alive, and last the final `StoredSession`, or an `APIError` when the
+    stream cannot be completed (it is sent as the stream's error event: the
+    response has begun).
+
+    With `until_count` (a session that finished in this process, whose buffer
+    was let go) it waits for the store to hold that many chunks: the last ones
+    may still be on their way to the database. Without, it follows the stored
+    session until it is finished, polling while it runs elsewhere."""
     store = runtime.store
     assert store is not None
     idle = 0.0
     caught_up_by = trio.current_time() + CATCH_UP_SECONDS
     while True:
-        batch = await store.chunks(session_id, offset, PAGE)
+        try:
+            batch = await store.chunks(session_id, offset, PAGE)
+            stored = None if until_count is not None else await store.get(session_id)
+        except APIError as exc:  # the database went away meanwhile
+            yield exc
+            return
         if batch:
             yield offset, batch
             offset += len(batch)
             idle = 0.0
             if len(batch) == PAGE:
                 continue
-        stored = await store.get(session_id)
-        if stored is None:
-            raise Gone(f"Session '{session_id}' was deleted while it was followed.")
         if until_count is not None:
-            if offset >= until_count or trio.current_time() > caught_up_by:
-                yield stored
+            if offset >= until_count:
                 return
-        elif stored.finished:
-            if offset >= stored.chunks:
-                yield stored
+            if trio.current_time() > caught_up_by:
+                yield APIError(
+                    f"The store holds {offset} of the session's {until_count} chunks; the rest could not be read.",
+                    status=503,
+                    type="server_error",
+                    code="transcript_incomplete",
+                )
                 return
-            continue
+        else:
+            if stored is None:
+                yield Gone(f"Session '{session_id}' was deleted while it was followed.")
+                return
+            if stored.finished:
+                if offset >= stored.chunks:
+                    yield stored
+                    return
+                continue
         await trio.sleep(POLL_SECONDS)
         idle += POLL_SECONDS
         if idle >= keepalive:
@@ -215,6 +234,9 @@ async def follow(runtime: Runtime, session_id: str) -> Response:
             source: AsyncIterator[Any] = _follow_memory(session, offset, keepalive)
         elif runtime.store is not None:
             # Finished, and its buffer let go: the store has (or is about to have) it.
+            stored = await runtime.store.get(session.id)
+            if stored is not None and stored.transcript != "kept":
+                raise Gone(f"Session '{session_id}' has finished and its chunks were not stored (store_content = false).")
             source = _follow_store(runtime, session.id, offset, keepalive, until_count=session.chunk_count)
         else:
             raise Gone(
@@ -245,6 +267,9 @@ async def follow(runtime: Runtime, session_id: str) -> Response:
             if isinstance(item, StoredSession):
                 stored = item
                 continue
+            if isinstance(item, APIError):
+                yield hint + sse.error_event(item, request_id)
+                return
             start, batch = item
             end = start + len(batch)
             yield hint + encoder.chunks(start, batch)

@@ -289,6 +289,22 @@ def test_reconnect_with_last_event_id_continues_without_gap_or_duplicate(store_u
         server.stop()
 
 
+def test_a_replay_right_after_the_stream_waits_for_the_last_write(store_url):
+    """The buffer of a served session is let go before the store has written its
+    last chunks: a replay asked for at once waits for them, and is whole."""
+    server = start(store_toml(store_url, "flush_interval_ms = 200"), session_retention_seconds=30)
+    try:
+        http = server.http()
+        for _ in range(5):
+            original = http.post("/v1/chat/completions", json={"model": "fox", "messages": [{"role": "user", "content": "x"}], "stream": True})
+            replay = http.get(f"/v1/sessions/{original.headers['x-session-id']}/stream")
+            assert replay.status_code == 200
+            assert events(replay) == events(original)
+            assert replay.text == "retry: 2000\n" + original.text
+    finally:
+        server.stop()
+
+
 def test_two_followers_see_the_same_live_stream_and_keep_alives(store_url):
     server = start(store_toml(store_url), keepalive_seconds=0.2)
     try:

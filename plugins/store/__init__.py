@@ -220,6 +220,8 @@ class StorePlugin:
         #: Ids deleted on request recently: nothing more is written for them.
         self._deleted: dict[str, None] = {}
         self._wake = trio.Event()
+        #: Set when start-up has opened the database (services start before it).
+        self._opened = trio.Event()
         #: Sessions that ended since the last write.
         self._ended = 0
         self._failing: _Failing | None = None
@@ -276,6 +278,7 @@ class StorePlugin:
             db.close()
             raise ConfigError(runtime.config.source, "plugins.store.url", "a database the store can open", f"{self.target.shown}: {exc}") from None
         self.db = db
+        self._opened.set()
         self.schema_version = version
         self.recovered = len(recovered)
         if applied:
@@ -287,14 +290,26 @@ class StorePlugin:
     @hookimpl
     async def shutdown(self) -> None:
         # The terminal events were delivered before this hook: write what is left.
-        if self.db is None:
+        db = self.db
+        if db is None:
             return
         for _ in range(3):
             if not self._tracked:
                 break
             if not await self.flush(force=True):
                 break
-        self.db.close()
+        if self._tracked:
+            # The database failed to the end: say what it did not get.
+            sessions = len(self._tracked)
+            chunks = sum(len(t.session.chunks) - t.written if t.held else t.collected - t.written for t in self._tracked.values())
+            self.lost_sessions += sessions
+            self.lost_chunks += max(0, chunks)
+            log.error("store: stopping with %d sessions (%d chunks) not written: the database did not take them", sessions, chunks)
+        # The writer service runs until it is cancelled, after this hook: it
+        # finds no database and writes nothing more.
+        async with self._write_lock:
+            self.db = None
+        db.close()
 
     @hookimpl
     def register_chunk_transformers(self, register: Any) -> None:
@@ -614,7 +629,9 @@ class StorePlugin:
         return done
 
     async def run_purge(self) -> None:
-        """The service actor: enforce retention now, then every purge_interval_seconds."""
+        """The service actor: enforce retention once the database is open, then
+        every purge_interval_seconds."""
+        await self._opened.wait()
         while True:
             try:
                 await self.purge()
