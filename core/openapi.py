@@ -313,8 +313,12 @@ CORE_OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
         "get": {
             "operationId": "listSessions",
             "summary": "List sessions, newest first",
-            "description": "Sessions in memory, and every stored one when the store plugin is on. Cursor pagination: pass `next_cursor` as `after`.",
+            "description": (
+                "Sessions in memory, and every stored one when the store plugin is on. Cursor pagination: pass `next_cursor` as `after`. "
+                "Needs the admin key until API keys scope the list to a caller's own sessions."
+            ),
             "tags": ["sessions"],
+            "security": [{ADMIN_SCHEME: []}],
             "parameters": [
                 _query_param("state", "Only sessions in this state.", {"enum": ["pending", "running", "completed", "failed", "stopped", "disconnected", "shutdown", "interrupted"]}),
                 _query_param("model", "Only sessions of this model.", {"type": "string", "minLength": 1, "maxLength": 256}),
@@ -339,6 +343,8 @@ CORE_OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
                     },
                 ),
                 "400": error_response("A filter is not valid (`param` names it)."),
+                "401": error_response("A missing or wrong admin key."),
+                "403": error_response("Admin routes are disabled: STREAMVISOR_ADMIN_KEY is not set."),
                 "default": _DEFAULT_ERROR,
             },
         }

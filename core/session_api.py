@@ -30,7 +30,7 @@ from .errors import APIError, InvalidRequest, NotFound
 from .runtime import Runtime
 from .sessions import Session
 from .store import INTERRUPTED, SessionQuery, StoredSession, decode_cursor, encode_cursor
-from .web import json_response
+from .web import json_response, require_admin
 
 log = logging.getLogger("streamvisor.http")
 
@@ -328,7 +328,10 @@ async def transcript(runtime: Runtime, found: Session | StoredSession) -> list[D
 
 def add_session_routes(app: QuartTrio, runtime: Runtime) -> None:
     @app.get("/v1/sessions")
+    @require_admin
     async def list_sessions() -> Response:
+        # The admin key, until API keys scope the list to an identity's own
+        # sessions: the ids it gives away open every transcript.
         query = parse_query()
         found: dict[str, tuple[float, str, Session | StoredSession]] = {}
         for session in runtime.sessions:

@@ -22,7 +22,8 @@ delay = 0.01
 """
 
 
-def test_the_examples_of_the_session_api_run_as_written(tmp_path):
+def test_the_examples_of_the_session_api_run_as_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMVISOR_ADMIN_KEY", "docs-admin-key")
     blocks = _BLOCK.findall(DOC.read_text(encoding="utf-8"))
     setup = [code for kind, code in blocks if kind]
     examples = [code for kind, code in blocks if not kind]

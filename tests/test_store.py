@@ -22,6 +22,14 @@ import pytest
 from .conftest import ServerThread, make_config
 
 ROOT = Path(__file__).resolve().parent.parent
+ADMIN_KEY = "store-test-admin-key"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture(autouse=True)
+def admin_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Listing sessions needs the admin key; the server thread reads it per request.
+    monkeypatch.setenv("STREAMVISOR_ADMIN_KEY", ADMIN_KEY)
 
 MODELS = """
 [plugins.scripted]
@@ -157,7 +165,7 @@ def test_restart_keeps_sessions_transcripts_and_usage(store_url):
         # The replay after the restart is the same bytes as before it.
         assert http.get(f"/v1/sessions/{ids[1]}/stream").text == replay.text
         assert "usage" in events(replay)[-2][1]  # the original asked for the usage chunk
-        listed = http.get("/v1/sessions").json()
+        listed = http.get("/v1/sessions", headers=ADMIN).json()
         assert [s["id"] for s in listed["data"]] == ids[::-1]
         records = http.get("/v1/usage/sessions").json()["data"]
         assert {r["session_id"] for r in records} == set(ids)
@@ -379,19 +387,19 @@ def test_list_filters_and_cursor_pagination(store_url):
             ids.append(r.headers["x-session-id"])
         wait_stored(server)
         time.sleep(0.8)  # all have left memory: the list comes from the store
-        page1 = http.get("/v1/sessions", params={"limit": 2}).json()
+        page1 = http.get("/v1/sessions", params={"limit": 2}, headers=ADMIN).json()
         assert [s["id"] for s in page1["data"]] == ids[::-1][:2] and page1["has_more"]
-        page2 = http.get("/v1/sessions", params={"limit": 2, "after": page1["next_cursor"]}).json()
-        page3 = http.get("/v1/sessions", params={"limit": 2, "after": page2["next_cursor"]}).json()
+        page2 = http.get("/v1/sessions", params={"limit": 2, "after": page1["next_cursor"]}, headers=ADMIN).json()
+        page3 = http.get("/v1/sessions", params={"limit": 2, "after": page2["next_cursor"]}, headers=ADMIN).json()
         assert [s["id"] for s in page2["data"] + page3["data"]] == ids[::-1][2:]
         assert page3["has_more"] is False and page3["next_cursor"] is None
-        failed = http.get("/v1/sessions", params={"state": "failed"}).json()["data"]
+        failed = http.get("/v1/sessions", params={"state": "failed"}, headers=ADMIN).json()["data"]
         assert {s["id"] for s in failed} == {ids[1], ids[3]}
-        assert {s["id"] for s in http.get("/v1/sessions", params={"model": "fox"}).json()["data"]} == {ids[0], ids[2], ids[4]}
-        assert http.get("/v1/sessions", params={"since": time.time() + 60}).json()["data"] == []
-        bad = http.get("/v1/sessions", params={"state": "happy"})
+        assert {s["id"] for s in http.get("/v1/sessions", params={"model": "fox"}, headers=ADMIN).json()["data"]} == {ids[0], ids[2], ids[4]}
+        assert http.get("/v1/sessions", params={"since": time.time() + 60}, headers=ADMIN).json()["data"] == []
+        bad = http.get("/v1/sessions", params={"state": "happy"}, headers=ADMIN)
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "state"
-        assert http.get("/v1/sessions", params={"after": "garbage!"}).json()["error"]["param"] == "after"
+        assert http.get("/v1/sessions", params={"after": "garbage!"}, headers=ADMIN).json()["error"]["param"] == "after"
     finally:
         server.stop()
 
