@@ -242,8 +242,10 @@ def test_background_request_answers_202_and_is_collected_later(store_url):
         assert response.headers["location"] == f"/v1/sessions/{session_id}"
         assert response.headers["x-session-id"] == session_id
         # Partial while it runs.
-        time.sleep(0.3)
-        partial = http.get(f"/v1/sessions/{session_id}/completion").json()
+        deadline = time.monotonic() + 5
+        while not (partial := http.get(f"/v1/sessions/{session_id}/completion").json())["choices"][0]["message"]["content"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         assert partial["session"]["state"] == "running"
         assert partial["choices"][0]["finish_reason"] is None
         assert 0 < len(partial["choices"][0]["message"]["content"]) < 119
