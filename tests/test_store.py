@@ -227,6 +227,50 @@ def test_a_burst_of_sessions_is_stored_whole(store_url):
     assert chunks == 10 * count  # nine words and the final chunk
 
 
+def test_a_streaming_session_is_written_every_64_chunks_when_that_comes_first(store_url):
+    server = start(store_toml(store_url, "flush_interval_ms = 60000"))
+    try:
+        http = server.http()
+        started = http.post("/v1/chat/completions", json={"model": "slow", "messages": [{"role": "user", "content": "x"}], "background": True})
+        session_id = started.json()["id"]
+        time.sleep(1.5)  # about 150 chunks, at one per 10 ms
+        query = "SELECT seq, count FROM chunks WHERE session_id = ? ORDER BY seq"
+        if store_url.startswith("sqlite"):
+            with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
+                rows = conn.execute(query, (session_id,)).fetchall()
+        else:
+            import psycopg
+
+            with psycopg.connect(store_url) as conn:
+                rows = conn.execute(query.replace("?", "%s"), (session_id,)).fetchall()
+        http.post(f"/v1/sessions/{session_id}/stop")
+    finally:
+        server.stop()
+    # The first write (within 50 ms) makes the session's row, with the chunks
+    # it has; then, long before the 60 s interval, batches of 64 (and the few
+    # more that arrived before the writer's next 50 ms tick).
+    assert len(rows) >= 2 and rows[0][1] < 64, rows
+    assert all(64 <= count <= 80 for _, count in rows[1:]), rows
+    assert [seq for seq, _ in rows] == [sum(c for _, c in rows[:i]) for i in range(len(rows))]
+
+
+def test_a_long_usage_window_is_one_indexed_query(tmp_path):
+    from streamvisor.plugins.store.db import Database, Target
+
+    db = Database(Target("sqlite", str(tmp_path / "plan.db")))
+    db.open()
+    db.migrate()
+    with db.connection(write=False) as conn:
+        plan = conn.all(
+            "EXPLAIN QUERY PLAN SELECT model, SUM(prompt_tokens) FROM usage_records WHERE finished_at >= ? AND finished_at < ? GROUP BY model",
+            (0, 1),
+        )
+        by_identity = conn.all("EXPLAIN QUERY PLAN SELECT COUNT(*) FROM usage_records WHERE identity = ? AND finished_at >= ?", ("a", 0))
+    db.close()
+    assert "usage_finished" in str(plan), plan
+    assert "usage_identity" in str(by_identity), by_identity
+
+
 # -- background sessions ------------------------------------------------------------------------
 
 
