@@ -458,7 +458,15 @@ class StorePlugin:
             session = tracked.session
             if tracked.ended is None:
                 pending = len(session.chunks) - tracked.collected
-                due = force or not tracked.row_written or pending >= threshold or (pending > 0 and now - tracked.last >= interval) or tracked.encoded
+                # A new session waits for its interval too: a stream shorter
+                # than that is written once, whole, at its end; one cut by a
+                # kill -9 in its first interval loses that interval, as any.
+                due = (
+                    force
+                    or pending >= threshold
+                    or (now - tracked.last >= interval and (pending > 0 or not tracked.row_written))
+                    or tracked.encoded
+                )
                 if not due:
                     continue
                 self._encode(tracked)
