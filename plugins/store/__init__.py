@@ -10,9 +10,9 @@ How a session gets written:
   synchronously) *holds* the session's buffer (`Session.hold()`) and tracks it.
   It transforms nothing.
 - The `writer` service wakes every `min(50 ms, flush_interval)` and writes, in
-  one transaction, every tracked session that is due: a new session's row, and
-  the chunks of any session with `flush_chunks` chunks pending or whose last
-  write is `flush_interval_ms` old. So a `kill -9` loses at most about that much.
+  one transaction, every tracked session that is due: one with `flush_chunks`
+  chunks pending, or whose last write (or start) is `flush_interval_ms` less
+  two ticks old. So a `kill -9` loses at most about `flush_interval_ms`.
 - The session's terminal event (never dropped) gives its outcome; the next
   write records the last chunks, the final row and the usage record in one
   transaction, then lets go of the buffer.
@@ -63,6 +63,8 @@ log = logging.getLogger("streamvisor.store")
 
 #: Sessions ended and not yet written that wake the writer before its tick.
 ENDED_WAKE = 256
+#: How often the writer looks for what is due (at most).
+TICK_SECONDS = 0.05
 
 __all__ = ["StorePlugin", "Settings", "Retention", "Store"]
 
@@ -231,7 +233,14 @@ class StorePlugin:
         self.untracked = 0
         self.last_write: float | None = None
         self.purged: dict[str, int] = {"transcripts": 0, "metadata": 0, "usage": 0, "tombstones": 0}
-        self._interval = settings.flush_interval_ms / 1000
+        interval = settings.flush_interval_ms / 1000
+        #: The writer's clock.
+        self._tick = min(TICK_SECONDS, interval)
+        #: A session's chunks are collected this long after its last collection.
+        #: The writer looks every tick, and the write itself takes time: two
+        #: ticks less than the interval keep "at most flush_interval_ms from a
+        #: chunk's arrival to the database" true, not only on average.
+        self._interval = max(self._tick, interval - 2 * self._tick)
         self._transcript = "kept" if settings.store_content else "not_stored"
 
     # -- hooks ------------------------------------------------------------------------------
@@ -559,7 +568,7 @@ class StorePlugin:
 
     async def run_writer(self) -> None:
         """The service actor: write what is due, at least every `flush_interval_ms`."""
-        tick = min(0.05, self._interval)
+        tick = self._tick
         backoff = tick
         while True:
             if self._failing is None:
