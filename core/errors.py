@@ -38,6 +38,10 @@ class APIError(Exception):
         self.param = param
         self.headers = headers or {}
 
+    def summary(self) -> dict[str, Any]:
+        """What a session object says of the error it ended with."""
+        return {"message": self.message, "type": self.type, "code": self.code}
+
     def body(self, request_id: str | None) -> dict[str, Any]:
         return {
             "error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param},

@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 import orjson
 
 from .chat import ROLES
+from .sessions import STATES
 
 OPENAPI_VERSION = "3.1.0"
 
@@ -199,7 +200,7 @@ _SESSION = {
         "identity": {"type": "string"},
         "model": {"type": "string"},
         "provider": {"type": "string"},
-        "state": {"enum": ["pending", "running", "completed", "failed", "stopped", "disconnected", "shutdown", "interrupted"]},
+        "state": {"enum": list(STATES)},
         "finish_reason": _NULLABLE_STRING,
         "created": {"type": "integer"},
         "chunks": {"type": "integer"},
@@ -320,7 +321,7 @@ CORE_OPERATIONS: dict[str, dict[str, dict[str, Any]]] = {
             "tags": ["sessions"],
             "security": [{ADMIN_SCHEME: []}],
             "parameters": [
-                _query_param("state", "Only sessions in this state.", {"enum": ["pending", "running", "completed", "failed", "stopped", "disconnected", "shutdown", "interrupted"]}),
+                _query_param("state", "Only sessions in this state.", {"enum": list(STATES)}),
                 _query_param("model", "Only sessions of this model.", {"type": "string", "minLength": 1, "maxLength": 256}),
                 _query_param("identity", "Only sessions of this identity.", {"type": "string", "minLength": 1, "maxLength": 256}),
                 _query_param("since", "Created at or after (unix seconds).", {"type": "number", "minimum": 0}),

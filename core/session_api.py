@@ -28,7 +28,7 @@ from . import sse
 from .chat import Delta, Usage
 from .errors import APIError, InvalidRequest, NotFound
 from .runtime import Runtime
-from .sessions import Session
+from .sessions import STATES, Session
 from .store import INTERRUPTED, SessionQuery, StoredSession, decode_cursor, encode_cursor
 from .web import json_response, require_admin
 
@@ -45,7 +45,6 @@ POLL_SECONDS = 0.25
 #: whose last chunks are still being written.
 CATCH_UP_SECONDS = 5.0
 MAX_LISTED = 100
-STATES = ("pending", "running", "completed", "failed", "stopped", "disconnected", "shutdown", "interrupted")
 KEEPALIVE = b": keep-alive\n\n"
 
 

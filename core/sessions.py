@@ -40,6 +40,10 @@ from .faults import PluginFaults
 log = logging.getLogger("streamvisor.sessions")
 
 LIVE_STATES = frozenset({"pending", "running"})
+#: The state of a stored session whose server died while it was live.
+INTERRUPTED = "interrupted"
+#: Every state a session can be in, in the order of its life.
+STATES = ("pending", "running", "completed", "failed", "stopped", "disconnected", "shutdown", INTERRUPTED)
 #: The finish_reason of the last chunk of a stream that was stopped.
 STOPPED = "stopped"
 
@@ -308,23 +312,56 @@ class Session:
         }
 
     def to_json(self) -> dict[str, Any]:
-        usage = self.usage or Usage(exact=False)
-        return {
-            "id": self.id,
-            "object": "session",
-            "request_id": self.request_id,
-            "identity": self.identity,
-            "model": self.model,
-            "provider": self.provider,
-            "state": self.state,
-            "finish_reason": self.finish_reason,
-            "created": int(self.created_at),
-            "chunks": self.chunk_count,
-            "timings": self.timings(),
-            "usage": usage.to_json(),
-            "error": None if self.error is None else {"message": self.error.message, "type": self.error.type, "code": self.error.code},
-            "background": self.background,
-        }
+        return session_object(
+            self.id,
+            self.request_id,
+            self.identity,
+            self.model,
+            self.provider,
+            self.state,
+            self.finish_reason,
+            self.created_at,
+            self.chunk_count,
+            self.timings(),
+            self.usage,
+            None if self.error is None else self.error.summary(),
+            self.background,
+        )
+
+
+def session_object(
+    session_id: str,
+    request_id: str,
+    identity: str,
+    model: str,
+    provider: str,
+    state: str,
+    finish_reason: str | None,
+    created_at: float,
+    chunks: int,
+    timings: Mapping[str, float | None],
+    usage: Usage | None,
+    error: Mapping[str, Any] | None,
+    background: bool,
+) -> dict[str, Any]:
+    """The session object of the API (`GET /v1/sessions/{id}`), for a session in
+    memory and for a stored one alike."""
+    return {
+        "id": session_id,
+        "object": "session",
+        "request_id": request_id,
+        "identity": identity,
+        "model": model,
+        "provider": provider,
+        "state": state,
+        "finish_reason": finish_reason,
+        "created": int(created_at),
+        "chunks": chunks,
+        "timings": dict(timings),
+        "usage": (usage or Usage(exact=False)).to_json(),
+        "error": None if error is None else dict(error),
+        "background": background,
+    }
 
 
 StreamFn = Callable[[ChatRequest], AsyncIterator[Delta]]

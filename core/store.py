@@ -20,9 +20,9 @@ import attrs
 
 from .chat import Delta, Usage
 from .errors import InvalidRequest
+from .sessions import INTERRUPTED, LIVE_STATES, session_object
 
-#: The state of a session whose process died while it was live.
-INTERRUPTED = "interrupted"
+__all__ = ["INTERRUPTED", "SessionQuery", "SessionStore", "StoredSession", "UsageRow", "decode_cursor", "encode_cursor"]
 
 
 @attrs.frozen
@@ -56,27 +56,26 @@ class StoredSession:
 
     @property
     def finished(self) -> bool:
-        return self.state not in ("pending", "running")
+        return self.state not in LIVE_STATES
 
     def to_json(self) -> dict[str, Any]:
-        usage = self.usage or Usage(exact=False)
-        return {
-            "id": self.id,
-            "object": "session",
-            "request_id": self.request_id,
-            "identity": self.identity,
-            "model": self.model,
-            "provider": self.provider,
-            "state": self.state,
-            "finish_reason": self.finish_reason,
-            "created": int(self.created_at),
-            "chunks": self.chunks,
-            "timings": dict(self.timings),
-            "usage": usage.to_json(),
-            "error": self.error,
-            "background": self.background,
-            "transcript": self.transcript,
-        }
+        body = session_object(
+            self.id,
+            self.request_id,
+            self.identity,
+            self.model,
+            self.provider,
+            self.state,
+            self.finish_reason,
+            self.created_at,
+            self.chunks,
+            self.timings,
+            self.usage,
+            self.error,
+            self.background,
+        )
+        body["transcript"] = self.transcript
+        return body
 
 
 @attrs.frozen

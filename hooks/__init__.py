@@ -34,7 +34,7 @@ from streamvisor.core.health import Health
 from streamvisor.core.logs import log_context
 from streamvisor.core.metrics import Labelled
 from streamvisor.core.providers import ModelInfo, Provider, ProviderRegistry, Route
-from streamvisor.core.sessions import Session, SessionRegistry, unwrap
+from streamvisor.core.sessions import LIVE_STATES, Session, SessionRegistry, unwrap
 from streamvisor.core.sse import SSEBoundError, SSEDecoder
 from streamvisor.core.store import INTERRUPTED, SessionQuery, SessionStore, StoredSession, UsageRow
 from streamvisor.core.web import ADMIN_KEY_ENV, admin_key, json_response, read_json, require_admin
@@ -77,6 +77,7 @@ __all__ = [
     "SessionQuery",
     "UsageRow",
     "INTERRUPTED",
+    "LIVE_STATES",
     # errors
     "APIError",
     "InvalidRequest",

@@ -428,7 +428,7 @@ class StorePlugin:
             state, updated, finished, duration = session.state, ended.at, ended.at, outcome.duration_ms
             finish_reason, usage, chunk_count = session.finish_reason, outcome.usage, session.chunk_count
             failure = session.error
-            error = None if failure is None else orjson.dumps({"message": failure.message, "type": failure.type, "code": failure.code}).decode()
+            error = None if failure is None else orjson.dumps(failure.summary()).decode()
         return (
             session.id, session.request_id, session.identity, session.model, session.provider, state, self.owner,
             int(session.background), int(request.include_usage), session.created_at, updated, finished,

@@ -11,12 +11,10 @@ from typing import Any, Sequence
 
 import orjson
 
-from streamvisor.hooks import Delta, SessionQuery, StoredSession, Usage, UsageRow
+from streamvisor.hooks import LIVE_STATES, Delta, SessionQuery, StoredSession, Usage, UsageRow
 
 from .db import Conn
 
-#: The session states a live session has.
-LIVE = ("pending", "running")
 
 # -- the writes ------------------------------------------------------------------------
 
@@ -178,7 +176,7 @@ def _stored(row: Sequence[Any]) -> StoredSession:
         timings={
             "started_ms": started_ms,
             "first_token_ms": first_token_ms,
-            "finished_ms": duration_ms if state not in LIVE else None,
+            "finished_ms": duration_ms if state not in LIVE_STATES else None,
             "duration_ms": duration_ms,
         },
         background=bool(background),
