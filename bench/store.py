@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import secrets
 import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from streamvisor.testing import postgres_database
 
 from . import servers
 from .report import RESULTS
@@ -37,20 +38,6 @@ from .scenarios import Bench
 from .system import machine, source_state
 
 DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/test"
-
-
-@contextmanager
-def postgres_database(admin_url: str) -> Iterator[str]:
-    import psycopg
-
-    name = f"sv_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield admin_url.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with psycopg.connect(admin_url, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def stacks(workdir: Path, postgres_url: str | None) -> dict[str, list[tuple[str, dict[str, Any]]]]:
@@ -95,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
     with tempfile.TemporaryDirectory(prefix="streamvisor-bench-store-") as folder, (
-        postgres_database(args.postgres) if not args.no_postgres else _none()
+        postgres_database(args.postgres, prefix="sv_bench") if not args.no_postgres else nullcontext()
     ) as pg_url:
         workdir = Path(folder)
         bench = Bench(options, workdir, progress)
@@ -141,11 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps({"machine": machine(), "source": source_state(servers.ROOT), "options": options, "rounds": rounds}, indent=2))
     print(f"\nJSON: {out}")
     return 0
-
-
-@contextmanager
-def _none() -> Iterator[None]:
-    yield None
 
 
 if __name__ == "__main__":

@@ -15,12 +15,14 @@ A suite configures them by overriding three fixtures: `streamvisor_toml` (the
 plugins.toml text for the plugins under test), `streamvisor_plugins` (plugin
 objects to use instead of looking names up) and `streamvisor_server_settings`
 (`[server]` settings). Outside pytest, `start_server()` is the same server as a
-context manager.
+context manager, and `postgres_database(admin_url)` gives a test (of a store,
+say) a fresh PostgreSQL database that is dropped after it.
 """
 
 from __future__ import annotations
 
 from .events import EventLog
+from .postgres import postgres_database
 from .server import ServerThread, make_config, start_server
 from .upstream import ConnectionRecord, FakeUpstream, Reply, closed_port, completion_events, sse
 
@@ -58,6 +60,7 @@ __all__ = [
     "closed_port",
     "completion_events",
     "make_config",
+    "postgres_database",
     "sse",
     "start_server",
 ]

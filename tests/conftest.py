@@ -9,7 +9,7 @@ from typing import Iterator
 
 import pytest
 
-from streamvisor.testing import ServerThread, make_config, start_server
+from streamvisor.testing import ServerThread, make_config, postgres_database, start_server
 
 __all__ = ["CI", "SCRIPTED", "ServerThread", "make_config", "start_server", "local_model_available", "require_local_model"]
 
@@ -93,18 +93,8 @@ def require_postgres() -> None:
 def postgres_url() -> Iterator[str]:
     """The URL of a fresh, empty database, dropped after the test."""
     require_postgres()
-    import secrets
-
-    import psycopg
-
-    name = f"sv_test_{secrets.token_hex(6)}"
-    with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with postgres_database(POSTGRES_ADMIN) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

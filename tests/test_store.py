@@ -19,6 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from streamvisor.testing import closed_port
+
 from .conftest import ServerThread, make_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -173,23 +175,24 @@ def test_restart_keeps_sessions_transcripts_and_usage(store_url):
         server.stop()
 
 
+def db_rows(store_url: str, sql: str, params: tuple = ()) -> list[tuple]:
+    """Rows straight from the store's database, either backend (`?` placeholders)."""
+    if store_url.startswith("sqlite"):
+        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
+            return conn.execute(sql, params).fetchall()
+    import psycopg
+
+    with psycopg.connect(store_url) as conn:
+        return conn.execute(sql.replace("?", "%s"), params).fetchall()
+
+
 def stored_counts(store_url: str) -> tuple[dict[str, int], int, int, int]:
     """Straight from the database: sessions by state, usage records, their
     completion tokens, and stored chunks."""
-    queries = (
-        "SELECT state, COUNT(*) FROM sessions GROUP BY state",
-        "SELECT COUNT(*), COALESCE(SUM(completion_tokens), 0) FROM usage_records",
-        "SELECT COALESCE(SUM(count), 0) FROM chunks",
-    )
-    if store_url.startswith("sqlite"):
-        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
-            rows = [conn.execute(q).fetchall() for q in queries]
-    else:
-        import psycopg
-
-        with psycopg.connect(store_url) as conn:
-            rows = [conn.execute(q).fetchall() for q in queries]
-    return dict(rows[0]), int(rows[1][0][0]), int(rows[1][0][1]), int(rows[2][0][0])
+    states = db_rows(store_url, "SELECT state, COUNT(*) FROM sessions GROUP BY state")
+    ((records, tokens),) = db_rows(store_url, "SELECT COUNT(*), COALESCE(SUM(completion_tokens), 0) FROM usage_records")
+    ((chunks,),) = db_rows(store_url, "SELECT COALESCE(SUM(count), 0) FROM chunks")
+    return dict(states), int(records), int(tokens), int(chunks)
 
 
 def test_a_burst_of_sessions_is_stored_whole(store_url):
@@ -234,15 +237,7 @@ def test_a_streaming_session_is_written_every_64_chunks_when_that_comes_first(st
         started = http.post("/v1/chat/completions", json={"model": "slow", "messages": [{"role": "user", "content": "x"}], "background": True})
         session_id = started.json()["id"]
         time.sleep(1.5)  # about 150 chunks, at one per 10 ms
-        query = "SELECT seq, count FROM chunks WHERE session_id = ? ORDER BY seq"
-        if store_url.startswith("sqlite"):
-            with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
-                rows = conn.execute(query, (session_id,)).fetchall()
-        else:
-            import psycopg
-
-            with psycopg.connect(store_url) as conn:
-                rows = conn.execute(query.replace("?", "%s"), (session_id,)).fetchall()
+        rows = db_rows(store_url, "SELECT seq, count FROM chunks WHERE session_id = ? ORDER BY seq", (session_id,))
         http.post(f"/v1/sessions/{session_id}/stop")
     finally:
         server.stop()
@@ -519,12 +514,6 @@ def test_retention_purges_transcripts_then_metadata(store_url):
 
 
 # -- failures of the database ----------------------------------------------------------------------
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize("url", [f"postgresql://postgres@127.0.0.1:{closed_port()}/test", "sqlite:////proc/streamvisor/store.db"])
