@@ -166,7 +166,7 @@ def create_app(runtime: Runtime) -> QuartTrio:
                 )
             encoder = sse.ChunkEncoder(completion_id, chat.model, created)
             response = Response(
-                _stream(session, encoder, chat.include_usage, chat.background),
+                _stream(session, encoder, chat.include_usage),
                 content_type="text/event-stream",
                 headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
@@ -233,7 +233,7 @@ def _plugin_view(runtime: Runtime, plugin: str, view: Callable[..., Any]) -> Cal
     return guarded
 
 
-async def _stream(session: Session, encoder: sse.ChunkEncoder, include_usage: bool, background: bool) -> AsyncIterator[bytes]:
+async def _stream(session: Session, encoder: sse.ChunkEncoder, include_usage: bool) -> AsyncIterator[bytes]:
     offset = 0
     try:
         async for batch in session.follow(0):
@@ -250,7 +250,7 @@ async def _stream(session: Session, encoder: sse.ChunkEncoder, include_usage: bo
         # cancelled the handler: then the session is cancelled too. cancel()
         # does not await, so the cancelled scope is no trap. A background session
         # goes on without its client.
-        if not background:
+        if not session.background:
             if not session.finished:
                 session.cancel("disconnected")
             session.release()

@@ -175,5 +175,5 @@ class SessionStore(Protocol):
         plugin's `UsageRecord.to_json()`."""
 
 
-#: The methods `register_store` checks a store has.
-STORE_METHODS = ("get", "gone", "chunks", "sessions", "delete", "usage", "usage_records")
+#: The methods `register_store` checks a store has: those of `SessionStore`.
+STORE_METHODS = tuple(name for name, value in vars(SessionStore).items() if callable(value) and not name.startswith("_"))

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import attrs
@@ -247,10 +246,8 @@ class StorePlugin:
 
     @hookimpl
     def register_store(self, register: Any, runtime: Any) -> None:
-        source = Path(runtime.config.source)
-        base = source.parent if source.suffix == ".toml" else Path.cwd()
         try:
-            self.target = parse_url(self.settings.url, base.resolve())
+            self.target = parse_url(self.settings.url, runtime.config.source)
         except ValueError as exc:
             raise ConfigError(runtime.config.source, "plugins.store.url", "sqlite:///PATH or postgresql://...", str(exc)) from None
         self.owner = owner_name(runtime.config.server.port)
@@ -698,9 +695,7 @@ class StorePlugin:
     def db_command(self, action: str, config_source: str) -> dict[str, Any]:
         """`streamvisor db status|upgrade`: the schema's state, after upgrading it
         for "upgrade". Synchronous: the CLI runs it outside any server."""
-        source = Path(config_source)
-        base = source.parent if source.suffix == ".toml" else Path.cwd()
-        target = parse_url(self.settings.url, base.resolve())
+        target = parse_url(self.settings.url, config_source)
         db = Database(target, pool_size=1, timeout=self.settings.connect_timeout, statement_timeout=self.settings.statement_timeout)
         db.open()
         try:

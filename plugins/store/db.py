@@ -49,10 +49,13 @@ class Target:
         return self.location
 
 
-def parse_url(url: str, base: Path) -> Target:
-    """`sqlite:///relative/path.db` (relative to `base`, the folder of
-    plugins.toml), `sqlite:////absolute/path.db`, or `postgresql://...`."""
+def parse_url(url: str, config_source: str) -> Target:
+    """`sqlite:///relative/path.db` (relative to the folder of plugins.toml, the
+    file `config_source` names; to the working directory for a config made
+    from the command line), `sqlite:////absolute/path.db`, or `postgresql://...`."""
     if url.startswith("sqlite:///"):
+        source = Path(config_source)
+        base = (source.parent if source.suffix == ".toml" else Path.cwd()).resolve()
         path = url.removeprefix("sqlite:///")
         if not path:
             raise ValueError("a sqlite URL names a file: sqlite:///data/streamvisor.db")
