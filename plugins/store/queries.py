@@ -213,25 +213,35 @@ def chunks(conn: Conn, session_id: str, start: int, limit: int) -> list[Delta]:
     return out[:limit]
 
 
-def sessions(conn: Conn, query: SessionQuery) -> list[StoredSession]:
+def _where(equal: Sequence[tuple[str, Any]], time_column: str, since: float | None, until: float | None) -> tuple[list[str], list[Any]]:
+    """The conditions of a filtered read, and their parameters: each column
+    of `equal` whose value is not None, and `since <= time_column < until`."""
     where: list[str] = []
     params: list[Any] = []
-    for column, value in (("state", query.state), ("model", query.model), ("identity", query.identity)):
+    for column, value in equal:
         if value is not None:
             where.append(f"{column} = ?")
             params.append(value)
-    if query.since is not None:
-        where.append("created_at >= ?")
-        params.append(query.since)
-    if query.until is not None:
-        where.append("created_at < ?")
-        params.append(query.until)
+    if since is not None:
+        where.append(f"{time_column} >= ?")
+        params.append(since)
+    if until is not None:
+        where.append(f"{time_column} < ?")
+        params.append(until)
+    return where, params
+
+
+def _clause(where: list[str]) -> str:
+    return f" WHERE {' AND '.join(where)}" if where else ""
+
+
+def sessions(conn: Conn, query: SessionQuery) -> list[StoredSession]:
+    where, params = _where((("state", query.state), ("model", query.model), ("identity", query.identity)), "created_at", query.since, query.until)
     if query.after is not None:
         at, session_id = query.after
         where.append("(created_at < ? OR (created_at = ? AND id < ?))")
         params.extend((at, at, session_id))
-    clause = f" WHERE {' AND '.join(where)}" if where else ""
-    rows = conn.all(f"SELECT {_SESSION_COLUMNS} FROM sessions{clause} ORDER BY created_at DESC, id DESC LIMIT ?", (*params, query.limit))
+    rows = conn.all(f"SELECT {_SESSION_COLUMNS} FROM sessions{_clause(where)} ORDER BY created_at DESC, id DESC LIMIT ?", (*params, query.limit))
     return [_stored(row) for row in rows]
 
 
@@ -253,19 +263,8 @@ def delete(conn: Conn, session_id: str, at: float, known: bool = False) -> bool:
 
 
 def _usage_where(model: str | None, provider: str | None, identity: str | None, since: float | None, until: float | None) -> tuple[str, list[Any]]:
-    where: list[str] = []
-    params: list[Any] = []
-    for column, value in (("model", model), ("provider", provider), ("identity", identity)):
-        if value is not None:
-            where.append(f"{column} = ?")
-            params.append(value)
-    if since is not None:
-        where.append("finished_at >= ?")
-        params.append(since)
-    if until is not None:
-        where.append("finished_at < ?")
-        params.append(until)
-    return (f" WHERE {' AND '.join(where)}" if where else ""), params
+    where, params = _where((("model", model), ("provider", provider), ("identity", identity)), "finished_at", since, until)
+    return _clause(where), params
 
 
 def usage(conn: Conn, model: str | None, provider: str | None, identity: str | None, since: float | None, until: float | None) -> list[UsageRow]:
