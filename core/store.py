@@ -138,6 +138,8 @@ class UsageRow:
     duration_ms: float
     #: Sessions whose counts were estimated.
     estimated: int
+    #: What they cost in US dollars (sessions without a price count 0; contract 1.2).
+    cost_usd: float = 0.0
 
 
 @runtime_checkable
@@ -164,15 +166,25 @@ class SessionStore(Protocol):
         request). Returns whether there was one."""
 
     async def usage(
-        self, model: str | None, provider: str | None, identity: str | None, since: float | None, until: float | None
+        self, model: str | None, provider: str | None, identity: str | None, since: float | None, until: float | None, *, team: str | None = None
     ) -> list[UsageRow]:
-        """The usage of the sessions that finished in [since, until), summed."""
+        """The usage of the sessions that finished in [since, until), summed.
+        The keyword `team` (contract 1.2) selects one team's sessions; a store
+        written for 1.1 may lack it."""
 
     async def usage_records(
-        self, model: str | None, provider: str | None, identity: str | None, since: float | None, until: float | None, limit: int
+        self,
+        model: str | None,
+        provider: str | None,
+        identity: str | None,
+        since: float | None,
+        until: float | None,
+        limit: int,
+        *,
+        team: str | None = None,
     ) -> list[dict[str, Any]]:
         """The individual usage records, newest first: the fields of the usage
-        plugin's `UsageRecord.to_json()`."""
+        plugin's `UsageRecord.to_json()`. The keyword `team` as for `usage`."""
 
 
 #: The methods `register_store` checks a store has: those of `SessionStore`.

@@ -37,6 +37,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "reasoning": "streamvisor.plugins.reasoning:ReasoningPlugin",
     "cache": "streamvisor.plugins.cache:CachePlugin",
     "retry": "streamvisor.plugins.retry:RetryPlugin",
+    "pricing": "streamvisor.plugins.pricing:PricingPlugin",
     "store": "streamvisor.plugins.store:StorePlugin",
     "usage": "streamvisor.plugins.usage:UsagePlugin",
     "monitor": "streamvisor.plugins.monitor:MonitorPlugin",
@@ -48,7 +49,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
 #: without a config file; the repository's plugins.toml enables the same.
 #: Order matters: reasoning splits <think> before the monitor measures chunks,
 #: the cache answers before retries are tried.
-DEFAULT_STACK: tuple[str, ...] = ("reasoning", "cache", "retry", "store", "usage", "monitor", "health", "admin")
+DEFAULT_STACK: tuple[str, ...] = ("reasoning", "cache", "retry", "pricing", "store", "usage", "monitor", "health", "admin")
 
 
 def _version() -> str:

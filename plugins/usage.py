@@ -2,22 +2,26 @@
 
 Every session's terminal event (completed, failed, stopped, disconnected)
 carries the session's `Usage`, and becomes a `UsageRecord`: prompt, completion,
-reasoning and total tokens, processing time, and whether the counts are exact.
+reasoning and total tokens, what it cost (when a plugin prices sessions),
+processing time, and whether the counts are exact.
 Terminal events are never dropped, so the ledger sees every session. Records are
 kept individually for `retention_seconds` (and at most `max_records` of them),
-then *folded* into per-time-bucket tallies keyed by (model, provider, identity);
+then *folded* into per-time-bucket tallies keyed by (model, provider, identity, team);
 past `max_buckets` buckets, the oldest bucket folds into time-less all-time
 tallies. Folding never changes a total, only the time resolution. It happens
 eagerly when a record arrives (the count bound) and in the `ledger` service actor
 (the retention clock), so memory is released even when traffic stops.
 
 The all-time totals are this plugin's status panel (`usage:totals`), which the
-admin plugin shows with every other panel.
+admin plugin shows with every other panel. The routes answer each caller for
+what it may see (`current_principal()`): a member its own usage, a team admin
+its team's, the admin (and everyone, when nothing authenticates) all of it.
 """
 
 from __future__ import annotations
 
 import collections
+import inspect
 import logging
 import math
 import time
@@ -28,7 +32,7 @@ import trio
 from prometheus_client import Counter, Gauge
 from quart import request
 
-from streamvisor.hooks import TERMINAL_TYPES, Event, InvalidRequest, hookimpl, json_response, listens_to
+from streamvisor.hooks import TERMINAL_TYPES, Event, InvalidRequest, Principal, current_principal, hookimpl, json_response, listens_to
 
 log = logging.getLogger("streamvisor.usage")
 
@@ -38,9 +42,12 @@ assert set(OUTCOMES) == TERMINAL_TYPES
 #: `GET /v1/usage/sessions` lists at most this many records.
 MAX_LISTED = 1000
 DEFAULT_LISTED = 100
-#: Longest filter value accepted (model, provider and identity names).
+#: Longest filter value accepted (model, provider, identity and team names).
 MAX_FILTER_CHARS = 256
-FILTERS = ("model", "provider", "identity", "since", "until")
+FILTERS = ("model", "provider", "identity", "team", "since", "until")
+#: Decimal places of a summed cost in JSON: a billionth of a dollar, finer than
+#: any price per token, and no float noise (0.30000000000000004).
+COST_DECIMALS = 9
 
 
 def _ge(bound: float):
@@ -62,7 +69,7 @@ class Settings:
 
 # -- records and tallies ----------------------------------------------------------
 
-Key = tuple[str, str, str]  # (model, provider, identity)
+Key = tuple[str, str, str, str | None]  # (model, provider, identity, team)
 
 
 @attrs.frozen(slots=True)
@@ -86,10 +93,16 @@ class UsageRecord:
     first_token_ms: float | None
     #: False when the counts were estimated (the provider gave none).
     exact: bool
+    #: The caller's team, when its key belongs to one.
+    team: str | None = None
+    #: What it cost in US dollars; None when no plugin priced the model.
+    cost_usd: float | None = None
+    #: Prompt tokens the provider served from its prompt cache.
+    cached_tokens: int = 0
 
     @property
     def key(self) -> Key:
-        return (self.model, self.provider, self.identity)
+        return (self.model, self.provider, self.identity, self.team)
 
     @property
     def total_tokens(self) -> int:
@@ -115,6 +128,9 @@ class UsageRecord:
             duration_ms=outcome.duration_ms,
             first_token_ms=outcome.first_token_ms,
             exact=usage.exact,
+            team=event.team,
+            cost_usd=usage.cost_usd,
+            cached_tokens=usage.cached_tokens,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -124,12 +140,15 @@ class UsageRecord:
             "model": self.model,
             "provider": self.provider,
             "identity": self.identity,
+            "team": self.team,
             "outcome": self.outcome,
             "finished_at": round(self.finished_at, 3),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "reasoning_tokens": self.reasoning_tokens,
+            "cached_tokens": self.cached_tokens,
             "total_tokens": self.total_tokens,
+            "cost_usd": self.cost_usd,
             "duration_ms": self.duration_ms,
             "first_token_ms": self.first_token_ms,
             "exact": self.exact,
@@ -148,6 +167,8 @@ class Tally:
     #: Sessions whose counts were estimated.
     estimated: int = 0
     outcomes: dict[str, int] = attrs.Factory(dict)
+    #: US dollars; a session no plugin priced adds 0.
+    cost_usd: float = 0.0
 
     def add(self, record: UsageRecord) -> None:
         self.sessions += 1
@@ -157,6 +178,8 @@ class Tally:
         self.duration_ms += record.duration_ms
         self.estimated += not record.exact
         self.outcomes[record.outcome] = self.outcomes.get(record.outcome, 0) + 1
+        if record.cost_usd is not None:
+            self.cost_usd += record.cost_usd
 
     def merge(self, other: "Tally") -> None:
         self.sessions += other.sessions
@@ -165,6 +188,7 @@ class Tally:
         self.reasoning_tokens += other.reasoning_tokens
         self.duration_ms += other.duration_ms
         self.estimated += other.estimated
+        self.cost_usd += other.cost_usd
         for outcome, count in other.outcomes.items():
             self.outcomes[outcome] = self.outcomes.get(outcome, 0) + count
 
@@ -175,6 +199,7 @@ class Tally:
             "completion_tokens": self.completion_tokens,
             "reasoning_tokens": self.reasoning_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "cost_usd": round(self.cost_usd, COST_DECIMALS),
             "duration_ms": round(self.duration_ms, 3),
             "exact": self.estimated == 0,
             "estimated_sessions": self.estimated,
@@ -193,13 +218,15 @@ class Filters:
     identity: str | None = None
     since: float | None = None
     until: float | None = None
+    team: str | None = None
 
     def selects(self, key: Key) -> bool:
-        model, provider, identity = key
+        model, provider, identity, team = key
         return (
             (self.model is None or model == self.model)
             and (self.provider is None or provider == self.provider)
             and (self.identity is None or identity == self.identity)
+            and (self.team is None or team == self.team)
         )
 
     def covers(self, at: float) -> bool:
@@ -273,7 +300,7 @@ class Ledger:
         by_identity: dict[str, Tally] = {}
 
         def count(key: Key, add: Any) -> None:
-            model, provider, identity = key
+            model, provider, identity, _ = key
             for tally in (
                 totals,
                 by_model.setdefault(model, Tally()),
@@ -327,15 +354,18 @@ class Ledger:
                 out.append(record)
         return out
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, counts: bool = True) -> dict[str, Any]:
+        """The ledger's state; without `counts` (for a caller restricted to part
+        of it) only its settings, which say nothing of other callers' traffic."""
+        settings = {"retention_seconds": self.retention, "max_records": self.max_records, "bucket_seconds": self.bucket_seconds}
+        if not counts:
+            return settings
         return {
             "records": len(self.records),
             "buckets": len(self.buckets),
             "recorded_sessions": self.recorded,
             "folded_sessions": self.folded,
-            "retention_seconds": self.retention,
-            "max_records": self.max_records,
-            "bucket_seconds": self.bucket_seconds,
+            **settings,
             "history_until": self.history_until or None,
         }
 
@@ -379,7 +409,49 @@ def parse_filters(args: Any, extra: Iterable[str] = ()) -> Filters:
     since, until = _time_param(args, "since"), _time_param(args, "until")
     if since is not None and until is not None and until < since:
         raise InvalidRequest(f"'until' ({until:g}) must not be before 'since' ({since:g})", param="until")
-    return Filters(_name_param(args, "model"), _name_param(args, "provider"), _name_param(args, "identity"), since, until)
+    return Filters(
+        _name_param(args, "model"), _name_param(args, "provider"), _name_param(args, "identity"), since, until, _name_param(args, "team")
+    )
+
+
+def visible(filters: Filters, principal: Principal) -> Filters | None:
+    """The filters narrowed to what `principal` may see, or None when it asked
+    for usage it may not see (answered as nothing, not as an error, so that
+    asking does not tell whether there is any). The admin, and everyone when
+    no plugin authenticates requests (anonymous), see what they ask; a team
+    admin its team; anyone else its own identity."""
+    if principal.is_admin or not principal.authenticated:
+        return filters
+    if principal.role == "team_admin" and principal.team is not None:
+        if filters.team is not None and filters.team != principal.team:
+            return None
+        return attrs.evolve(filters, team=principal.team)
+    if filters.identity is not None and filters.identity != principal.identity:
+        return None
+    return attrs.evolve(filters, identity=principal.identity)
+
+
+def _nothing(filters: Filters) -> dict[str, Any]:
+    """The answer to a question about usage the caller may not see."""
+    return {
+        "object": "usage",
+        "filters": filters.to_json(),
+        "totals": Tally().to_json(),
+        "by_model": {},
+        "by_provider": {},
+        "by_identity": {},
+        "complete": True,
+        "ledger": {},
+    }
+
+
+def _takes_team(method: Any) -> bool:
+    """Whether a store's `usage` or `usage_records` takes the keyword `team`
+    (contract 1.2; a store written for 1.1 does not)."""
+    try:
+        return "team" in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 # -- the routes' OpenAPI operations ---------------------------------------------------
@@ -394,7 +466,7 @@ def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any
 _FILTER_PARAMETERS = [
     *(
         _query(name, f"Only sessions of this {name}.", {"type": "string", "minLength": 1, "maxLength": MAX_FILTER_CHARS})
-        for name in ("model", "provider", "identity")
+        for name in ("model", "provider", "identity", "team")
     ),
     _query("since", "Only sessions that finished at or after this unix time (seconds).", {"type": "number", "minimum": 0}),
     _query("until", "Only sessions that finished before this unix time (seconds); not before `since`.", {"type": "number", "minimum": 0}),
@@ -408,6 +480,7 @@ _TALLY = {
         "completion_tokens": {"type": "integer"},
         "reasoning_tokens": {"type": "integer"},
         "total_tokens": {"type": "integer"},
+        "cost_usd": {"type": "number", "description": "US dollars, by the pricing plugin's table; a session without a price counts 0."},
         "duration_ms": {"type": "number"},
         "exact": {"type": "boolean", "description": "False when some sessions' counts were estimated."},
         "estimated_sessions": {"type": "integer"},
@@ -415,11 +488,17 @@ _TALLY = {
     },
 }
 
-_FILTERS_JSON = {"type": "object", "properties": {name: {"type": ["string", "null"] if name in ("model", "provider", "identity") else ["number", "null"]} for name in FILTERS}}
+_FILTERS_JSON = {"type": "object", "properties": {name: {"type": ["number", "null"] if name in ("since", "until") else ["string", "null"]} for name in FILTERS}}
+
+_PRIVACY = (
+    " A caller sees its own sessions; a team admin its team's; the admin key (and every caller, when nothing authenticates"
+    " requests) all of them. Asking for usage the caller may not see answers nothing, not an error."
+)
 
 USAGE_OPENAPI = {
     "summary": "Token usage of finished sessions",
-    "description": "Totals and breakdowns by model, provider and identity. Sessions older than the ledger's retention are counted at the resolution of their time bucket; `complete` is false when part of the window lies where only all-time tallies are left.",
+    "description": "Totals and breakdowns by model, provider and identity, with tokens and cost. Sessions older than the ledger's retention are counted at the resolution of their time bucket; `complete` is false when part of the window lies where only all-time tallies are left."
+    + _PRIVACY,
     "parameters": _FILTER_PARAMETERS,
     "responses": {
         "200": {
@@ -449,7 +528,7 @@ USAGE_OPENAPI = {
 
 SESSIONS_OPENAPI = {
     "summary": "Usage records of recently finished sessions",
-    "description": "The individual records the ledger still keeps (not yet folded), newest first.",
+    "description": "The individual records the ledger still keeps (not yet folded), newest first." + _PRIVACY,
     "parameters": [
         *_FILTER_PARAMETERS,
         _query("limit", f"At most this many records (default {DEFAULT_LISTED}).", {"type": "integer", "minimum": 1, "maximum": MAX_LISTED}),
@@ -474,12 +553,15 @@ SESSIONS_OPENAPI = {
                                         "model": {"type": "string"},
                                         "provider": {"type": "string"},
                                         "identity": {"type": "string"},
-                                        "outcome": {"enum": list(OUTCOMES)},
+                                        "team": {"type": ["string", "null"]},
+                                        "outcome": {"enum": [*OUTCOMES, "interrupted"], "description": "interrupted: recovered by the store after a crash"},
                                         "finished_at": {"type": "number"},
                                         "prompt_tokens": {"type": "integer"},
                                         "completion_tokens": {"type": "integer"},
                                         "reasoning_tokens": {"type": "integer"},
+                                        "cached_tokens": {"type": "integer"},
                                         "total_tokens": {"type": "integer"},
+                                        "cost_usd": {"type": ["number", "null"], "description": "US dollars; null when no plugin priced the model."},
                                         "duration_ms": {"type": "number"},
                                         "first_token_ms": {"type": ["number", "null"]},
                                         "exact": {"type": "boolean"},
@@ -506,11 +588,12 @@ class _Metrics:
     buckets: Gauge
     folded: Counter
     reasoning: Counter
+    cost: Counter
 
 
 class UsagePlugin:
     Settings = Settings
-    streamvisor_contract = "1.0"
+    streamvisor_contract = "1.2"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -526,10 +609,11 @@ class UsagePlugin:
         identity: str | None = None,
         since: float | None = None,
         until: float | None = None,
+        team: str | None = None,
     ) -> dict[str, Any]:
         """The ledger's totals and breakdowns for the filters (all sessions by
-        default): the body of `GET /v1/usage`, as a JSON-ready dict."""
-        body = self.ledger.query(Filters(model, provider, identity, since, until))
+        default): the body of `GET /v1/usage` for the admin, as a JSON-ready dict."""
+        body = self.ledger.query(Filters(model, provider, identity, since, until, team))
         body["ledger"] = self.ledger.describe()
         return body
 
@@ -553,6 +637,12 @@ class UsagePlugin:
             reasoning=Counter(
                 "streamvisor_usage_reasoning_tokens",
                 "Reasoning tokens of finished sessions (part of their completion tokens).",
+                ["model", "provider"],
+                registry=registry,
+            ),
+            cost=Counter(
+                "streamvisor_usage_cost_usd",
+                "What finished sessions cost in US dollars, by the registered price functions.",
                 ["model", "provider"],
                 registry=registry,
             ),
@@ -582,16 +672,32 @@ class UsagePlugin:
         return {"totals": body["totals"], "by_model": body["by_model"], "ledger": body["ledger"]}
 
     async def usage_view(self) -> Any:
-        filters = parse_filters(request.args)
+        asked = parse_filters(request.args)
+        principal = current_principal()
+        filters = visible(asked, principal)
+        if filters is None:
+            return json_response(_nothing(asked))
+        store = self._store_for(filters, "usage")
+        if store is not None:
+            return json_response(await self.stored_totals(store, filters))
+        body = self.ledger.query(filters)
+        # The ledger's counts are the whole server's traffic: for those who see it all.
+        body["ledger"] = self.ledger.describe(counts=principal.is_admin or not principal.authenticated)
+        return json_response(body)
+
+    def _store_for(self, filters: Filters, method: str) -> Any:
+        """The store to answer from, or None for the memory ledger: there is no
+        store, or it cannot filter by team (written for contract 1.1)."""
         store = None if self.runtime is None else self.runtime.store
-        if store is None:
-            return json_response(self.totals(**attrs.asdict(filters)))
-        return json_response(await self.stored_totals(store, filters))
+        if store is not None and filters.team is not None and not _takes_team(getattr(store, method)):
+            return None
+        return store
 
     async def stored_totals(self, store: Any, filters: Filters) -> dict[str, Any]:
         """The totals of the store's ledger: it survives restarts, and a long
         window is one indexed query instead of a walk through memory."""
-        rows = await store.usage(filters.model, filters.provider, filters.identity, filters.since, filters.until)
+        args = (filters.model, filters.provider, filters.identity, filters.since, filters.until)
+        rows = await (store.usage(*args) if filters.team is None else store.usage(*args, team=filters.team))
         totals = Tally()
         groups: dict[str, dict[str, Tally]] = {"by_model": {}, "by_provider": {}, "by_identity": {}}
         for row in rows:
@@ -603,6 +709,7 @@ class UsagePlugin:
                 duration_ms=row.duration_ms,
                 estimated=row.estimated,
                 outcomes={row.outcome: row.sessions},
+                cost_usd=row.cost_usd,
             )
             totals.merge(part)
             for group, name in (("by_model", row.model), ("by_provider", row.provider), ("by_identity", row.identity)):
@@ -617,7 +724,7 @@ class UsagePlugin:
         }
 
     async def sessions_view(self) -> Any:
-        filters = parse_filters(request.args, extra=("limit",))
+        asked = parse_filters(request.args, extra=("limit",))
         limit = DEFAULT_LISTED
         raw = request.args.get("limit")
         if raw is not None:
@@ -625,11 +732,15 @@ class UsagePlugin:
             if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= MAX_LISTED:
                 raise InvalidRequest(f"'limit' must be an integer from 1 to {MAX_LISTED}, got '{raw[:40]}'", param="limit")
             limit = int(raw)
-        store = None if self.runtime is None else self.runtime.store
-        if store is not None:
-            data = await store.usage_records(filters.model, filters.provider, filters.identity, filters.since, filters.until, limit)
-        else:
+        filters = visible(asked, current_principal())
+        if filters is None:
+            return json_response({"object": "list", "data": [], "filters": asked.to_json()})
+        store = self._store_for(filters, "usage_records")
+        if store is None:
             data = [r.to_json() for r in self.records(filters, limit)]
+        else:
+            args = (filters.model, filters.provider, filters.identity, filters.since, filters.until, limit)
+            data = await (store.usage_records(*args) if filters.team is None else store.usage_records(*args, team=filters.team))
         return json_response({"object": "list", "data": data, "filters": filters.to_json()})
 
     # -- recording and folding ---------------------------------------------------------
@@ -640,6 +751,8 @@ class UsagePlugin:
             self.metrics.folded.inc(folded)
         if record.reasoning_tokens:
             self.metrics.reasoning.labels(record.model, record.provider).inc(record.reasoning_tokens)
+        if record.cost_usd:
+            self.metrics.cost.labels(record.model, record.provider).inc(record.cost_usd)
 
     async def run_ledger(self) -> None:
         """The service actor: fold records whose retention has passed."""

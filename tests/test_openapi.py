@@ -109,8 +109,8 @@ def test_the_usage_and_admin_routes_document_their_inputs(server):
     def query(path: str) -> set[str]:
         return {p["name"] for p in paths[path]["get"]["parameters"] if p["in"] == "query"}
 
-    assert query("/v1/usage") == {"model", "provider", "identity", "since", "until"}
-    assert query("/v1/usage/sessions") == {"model", "provider", "identity", "since", "until", "limit"}
+    assert query("/v1/usage") == {"model", "provider", "identity", "team", "since", "until"}
+    assert query("/v1/usage/sessions") == {"model", "provider", "identity", "team", "since", "until", "limit"}
     cleanup = paths["/admin/sessions/cleanup"]["post"]["requestBody"]
     assert not cleanup["required"]
     assert set(cleanup["content"]["application/json"]["schema"]["properties"]) == {"idle_seconds", "idle", "finished"}

@@ -13,7 +13,7 @@ import openai
 import pytest
 import trio
 
-from streamvisor.hooks import Delta, ModelInfo, Usage, hookimpl
+from streamvisor.hooks import Delta, ModelInfo, Principal, Usage, bearer_token, hookimpl
 from streamvisor.plugins.usage import Filters, Ledger, UsageRecord
 
 from .conftest import SCRIPTED, start_server
@@ -363,3 +363,88 @@ def test_terminal_events_are_never_dropped_even_past_the_listener_queue():
         assert body["totals"]["sessions"] == 4
         assert body["totals"]["outcomes"]["stopped"] == 4
         assert body["totals"]["completion_tokens"] >= 4  # partial usage, never zero
+
+
+# -- who sees what ------------------------------------------------------------------------
+
+#: Bearer tokens and whose they are: two members of team red, one of blue, red's admin.
+PRINCIPALS = {
+    "tok-alice": Principal(identity="alice", team="red"),
+    "tok-bob": Principal(identity="bob", team="red"),
+    "tok-carol": Principal(identity="carol", team="blue"),
+    "tok-rita": Principal(identity="rita", team="red", role="team_admin"),
+}
+ADMIN_KEY = "usage-test-admin-key"
+
+
+class TokenAuth:
+    """Authenticates `PRINCIPALS`' bearer tokens (a stand-in for API keys)."""
+
+    @hookimpl
+    def register_authenticators(self, register):
+        def authenticate(headers, path):
+            return PRINCIPALS.get(bearer_token(headers) or "")
+
+        register(authenticate)
+
+
+def _as(server, token):
+    return server.http(headers={"Authorization": f"Bearer {token}"})
+
+
+@pytest.mark.parametrize("ledger", ["memory", "store"])
+def test_a_member_sees_its_own_usage_and_a_team_admin_its_teams(ledger, tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMVISOR_ADMIN_KEY", ADMIN_KEY)
+    store = f'[plugins.store]\nurl = "sqlite:///{tmp_path}/usage.db"\n' if ledger == "store" else ""
+    toml = SCRIPTED + "\n[plugins.auth]\n" + store + "\n[plugins.usage]\n"
+    with start_server(toml, plugins={"auth": TokenAuth}) as server:
+        for token in ("tok-alice", "tok-bob", "tok-carol"):
+            client = server.openai(api_key=token)
+            client.chat.completions.create(model="fox", messages=[{"role": "user", "content": "hi"}])
+        admin = _as(server, ADMIN_KEY)
+
+        def recorded():
+            body = admin.get("/v1/usage").json()
+            return body["totals"]["sessions"] == 3 and len(admin.get("/v1/usage/sessions").json()["data"]) == 3
+
+        deadline = time.monotonic() + 10
+        while not recorded():
+            assert time.monotonic() < deadline, "the sessions were not recorded"
+            time.sleep(0.02)
+
+        def usage(token, **params):
+            response = _as(server, token).get("/v1/usage", params=params)
+            assert response.status_code == 200, response.text
+            return response.json()
+
+        def records(token, **params):
+            response = _as(server, token).get("/v1/usage/sessions", params=params)
+            assert response.status_code == 200, response.text
+            return sorted((r["identity"], r["team"]) for r in response.json()["data"])
+
+        # The admin sees everything, and may filter by team.
+        assert usage(ADMIN_KEY)["totals"]["sessions"] == 3
+        assert sorted(usage(ADMIN_KEY, team="red")["by_identity"]) == ["alice", "bob"]
+        assert records(ADMIN_KEY, team="blue") == [("carol", "blue")]
+        # A member sees its own usage; asking for another's answers nothing, not an error.
+        alice = usage("tok-alice")
+        assert alice["totals"]["sessions"] == 1 and list(alice["by_identity"]) == ["alice"]
+        assert alice["filters"]["identity"] == "alice"
+        assert usage("tok-alice", identity="bob")["totals"]["sessions"] == 0
+        assert usage("tok-alice", identity="bob")["by_identity"] == {}
+        assert records("tok-alice") == [("alice", "red")]
+        assert records("tok-alice", identity="bob") == []
+        # The ledger's own counts are the whole server's traffic: not for a member.
+        assert "recorded_sessions" not in usage("tok-alice")["ledger"]
+        # A team admin sees its team's, and only its team's.
+        rita = usage("tok-rita")
+        assert rita["totals"]["sessions"] == 2 and sorted(rita["by_identity"]) == ["alice", "bob"]
+        assert rita["filters"]["team"] == "red"
+        assert usage("tok-rita", identity="bob")["totals"]["sessions"] == 1
+        assert usage("tok-rita", identity="carol")["totals"]["sessions"] == 0
+        assert usage("tok-rita", team="blue")["totals"]["sessions"] == 0
+        assert records("tok-rita") == [("alice", "red"), ("bob", "red")]
+        assert records("tok-rita", team="blue") == []
+        # Without a credential there is no usage at all.
+        with server.http() as http:
+            assert http.get("/v1/usage").status_code == 401

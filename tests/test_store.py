@@ -734,11 +734,223 @@ def test_db_status_and_upgrade_by_hand(store_url, tmp_path):
     cli = [sys.executable, "-m", "streamvisor.core.cli", "db"]
     status = subprocess.run([*cli, "status", "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
-    assert "schema version: 0 (latest 1)" in status.stdout and "pending: 1 sessions" in status.stdout
+    assert "schema version: 0 (latest 2)" in status.stdout and "pending: 1 sessions" in status.stdout and "pending: 2 teams" in status.stdout
     upgrade = subprocess.run([*cli, "upgrade", "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert upgrade.returncode == 0, upgrade.stderr
-    assert "applied migration 1" in upgrade.stdout and "up to date" in upgrade.stdout
+    assert "applied migration 1" in upgrade.stdout and "applied migration 2" in upgrade.stdout and "up to date" in upgrade.stdout
     again = subprocess.run([*cli, "status", "--config", str(config)], capture_output=True, text=True, timeout=60)
-    assert "schema version: 1 (latest 1)" in again.stdout and "up to date" in again.stdout
+    assert "schema version: 2 (latest 2)" in again.stdout and "up to date" in again.stdout
     if store_url.startswith("sqlite"):
         assert os.path.exists(store_url.removeprefix("sqlite:///"))
+
+
+# -- teams and costs (migration 2) -------------------------------------------------------------------
+
+
+def test_cost_team_and_cached_tokens_are_stored_and_read_back_after_a_restart(store_url):
+    from streamvisor.hooks import SessionQuery
+
+    from .test_plugin_usage import TokenAuth
+    from .test_pricing import METERED, MeteredPlugin
+
+    toml = store_toml(store_url) + """
+[plugins.auth]
+[plugins.metered]
+[plugins.pricing]
+[plugins.pricing.prices.metered]
+input = 2.0
+output = 8.0
+cached = 0.5
+"""
+    plugins = {"auth": TokenAuth, "metered": MeteredPlugin}
+    # 600 prompt tokens at $2, 400 cached at $0.5, 200 completion at $8 (reasoning at the output price).
+    cost = (600 * 2.0 + 400 * 0.5 + 200 * 8.0) / 1e6
+    server = ServerThread(make_config(toml, session_retention_seconds=0.5), plugins).start()
+    try:
+        alice = server.openai(api_key="tok-alice")
+        streamed = alice.chat.completions.with_raw_response.create(
+            model="metered", messages=[{"role": "user", "content": "x"}], stream=True, stream_options={"include_usage": True}
+        )
+        assert [c.usage for c in streamed.parse() if c.usage][-1].model_extra["cost_usd"] == pytest.approx(cost, rel=1e-9)
+        carol = server.openai(api_key="tok-carol")
+        carol.chat.completions.create(model="metered", messages=[{"role": "user", "content": "y"}])
+        wait_stored(server)
+    finally:
+        server.stop()
+    session_id = streamed.headers["x-session-id"]
+    rows = db_rows(store_url, "SELECT identity, team, cost_usd, cached_tokens FROM usage_records ORDER BY identity")
+    assert rows == [("alice", "red", pytest.approx(cost, rel=1e-9), 400), ("carol", "blue", pytest.approx(cost, rel=1e-9), 400)]
+    assert db_rows(store_url, "SELECT team, cost_usd, cached_tokens FROM sessions WHERE id = ?", (session_id,)) == [
+        ("red", pytest.approx(cost, rel=1e-9), 400)
+    ]
+
+    server = ServerThread(make_config(toml), plugins).start()
+    try:
+        http = server.http(headers={"Authorization": "Bearer tok-alice"})
+        stored = http.get(f"/v1/sessions/{session_id}").json()
+        assert stored["team"] == "red" and stored["identity"] == "alice"
+        assert stored["usage"]["cost_usd"] == pytest.approx(cost, rel=1e-9)
+        assert stored["usage"]["prompt_tokens_details"] == {"cached_tokens": 400}
+        # The replay's usage chunk carries the cost, as the live stream's did.
+        replayed = [json.loads(data) for _, data in events(http.get(f"/v1/sessions/{session_id}/stream")) if data != "[DONE]"]
+        assert replayed[-1]["usage"]["cost_usd"] == pytest.approx(cost, rel=1e-9)
+        admin = server.http(headers=ADMIN)
+        usage = admin.get("/v1/usage").json()
+        assert usage["totals"]["cost_usd"] == pytest.approx(2 * cost, rel=1e-6)
+        assert usage["by_identity"]["alice"]["cost_usd"] == pytest.approx(cost, rel=1e-6)
+        assert admin.get("/v1/usage", params={"team": "red"}).json()["totals"]["sessions"] == 1
+        records = admin.get("/v1/usage/sessions", params={"team": "blue"}).json()["data"]
+        assert [(r["identity"], r["team"], r["cached_tokens"]) for r in records] == [("carol", "blue", 400)]
+        assert records[0]["cost_usd"] == pytest.approx(cost, rel=1e-9)
+        # The store's session list selects by team.
+        listed = server.run(server.runtime.store.sessions, SessionQuery(team="red"))
+        assert [(s.id, s.team) for s in listed] == [(session_id, "red")]
+        assert listed[0].usage.cached_tokens == METERED.cached_tokens
+    finally:
+        server.stop()
+
+
+def test_a_database_of_schema_1_is_upgraded_in_place(store_url, monkeypatch):
+    from streamvisor.plugins.store import db as store_db
+    from streamvisor.plugins.store.db import Database
+    from streamvisor.plugins.store.schema import MIGRATIONS
+
+    target = store_db.parse_url(store_url, "test.toml")
+    with monkeypatch.context() as patch:
+        # The database as the previous release left it: migration 1 only.
+        patch.setattr(store_db, "MIGRATIONS", MIGRATIONS[:1])
+        old = Database(target)
+        old.open()
+        assert old.migrate() == [1]
+        old.close()
+    _execute(
+        store_url,
+        "INSERT INTO usage_records (session_id, request_id, model, provider, identity, outcome, finished_at, prompt_tokens,"
+        " completion_tokens, reasoning_tokens, duration_ms, first_token_ms, exact) VALUES ('sess_old', '', 'fox', 'scripted',"
+        " 'anonymous', 'completed', ?, 3, 9, 0, 1.0, 0.5, 1)",
+        (time.time(),),
+    )
+    server = start(store_toml(store_url))
+    try:
+        http = server.http()
+        assert server.run(server.runtime.status_panels)["store"]["status"]["schema_version"] == 2
+        http.post("/v1/chat/completions", json={"model": "fox", "messages": [{"role": "user", "content": "a b c"}]})
+        wait_stored(server)
+        usage = http.get("/v1/usage").json()
+        assert usage["totals"]["sessions"] == 2 and usage["totals"]["cost_usd"] == 0  # no pricing plugin: nothing priced
+        records = {r["session_id"]: r for r in http.get("/v1/usage/sessions").json()["data"]}
+        assert records["sess_old"]["team"] is None and records["sess_old"]["cost_usd"] is None
+    finally:
+        server.stop()
+
+
+def _execute(store_url: str, sql: str, params: tuple = ()) -> None:
+    if store_url.startswith("sqlite"):
+        with sqlite3.connect(store_url.removeprefix("sqlite:///")) as conn:
+            conn.execute(sql, params)
+        return
+    import psycopg
+
+    with psycopg.connect(store_url) as conn:
+        conn.execute(sql.replace("?", "%s"), params)
+
+
+# -- records and amounts (RecordStore, contract 1.2) -------------------------------------------------
+
+
+def test_records_and_amounts(store_url):
+    from streamvisor.hooks import RecordStore
+
+    server = start(store_toml(store_url))
+    try:
+        store = server.runtime.store
+        assert isinstance(store, RecordStore)
+        run = server.run
+        assert run(store.get_record, "test:key", "k1") is None
+        assert run(store.find_record, "test:key", "hash-1") is None
+        run(store.put_record, "test:key", "k1", {"name": "first", "limits": [1, 2]}, "hash-1")
+        run(store.put_record, "test:key", "k2", {"name": "second"})
+        assert run(store.get_record, "test:key", "k1") == {"name": "first", "limits": [1, 2]}
+        assert run(store.find_record, "test:key", "hash-1") == ("k1", {"name": "first", "limits": [1, 2]})
+        # A lookup is unique within its kind: another record cannot take it ...
+        with pytest.raises(ValueError):
+            run(store.put_record, "test:key", "k2", {"name": "thief"}, "hash-1")
+        assert run(store.get_record, "test:key", "k2") == {"name": "second"}
+        # ... but another kind may have it, and the record itself may be replaced.
+        run(store.put_record, "test:other", "k9", {}, "hash-1")
+        run(store.put_record, "test:key", "k1", {"name": "renamed"}, "hash-2")
+        assert run(store.find_record, "test:key", "hash-1") is None
+        assert run(store.find_record, "test:key", "hash-2") == ("k1", {"name": "renamed"})
+        run(store.put_record, "test:key", "k2", {"name": "second"}, "hash-1")  # free again
+        # Listed by id, in pages.
+        run(store.put_record, "test:key", "k3", {"name": "third"})
+        assert [i for i, _ in run(store.list_records, "test:key", 2)] == ["k1", "k2"]
+        assert run(store.list_records, "test:key", 2, "k2") == [("k3", {"name": "third"})]
+        assert run(store.list_records, "test:other", 10) == [("k9", {})]
+        # Amounts start at 0 and add up, per kind, id and period.
+        assert run(store.amount, "test:spend", "k1", "2026-12") == 0
+        assert run(store.add_amount, "test:spend", "k1", "2026-12", 1.25) == 1.25
+        assert run(store.add_amount, "test:spend", "k1", "2026-12", 0.5) == 1.75
+        assert run(store.add_amount, "test:spend", "k1", "", 2.0) == 2.0
+        assert run(store.amount, "test:spend", "k1", "2026-12") == 1.75
+        assert run(store.amount, "test:spend", "k2", "2026-12") == 0
+    finally:
+        server.stop()
+
+
+def test_concurrent_lookups_and_additions_from_two_servers_are_exact(store_url):
+    """Two servers on one database (two processes' worth of connections), each
+    adding from its own thread with several additions in flight: every
+    addition returns a distinct running total, and they sum exactly; of ten
+    records racing for one lookup, exactly one gets it."""
+    servers = [start(store_toml(store_url)), start(store_toml(store_url))]
+    try:
+        per_task, tasks = 10, 4
+
+        def add_many(server: ServerThread, into: list) -> None:
+            async def work() -> None:
+                import trio
+
+                async def one() -> None:
+                    for _ in range(per_task):
+                        into.append(await server.runtime.store.add_amount("test:spend", "shared", "", 0.5))
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(tasks):
+                        nursery.start_soon(one)
+
+            server.run(work)
+
+        results: list[list[float]] = [[], []]
+        threads = [threading.Thread(target=add_many, args=(server, into)) for server, into in zip(servers, results)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        total = 2 * tasks * per_task
+        returned = sorted(results[0] + results[1])
+        assert returned == [0.5 * n for n in range(1, total + 1)]
+        assert servers[1].run(servers[1].runtime.store.amount, "test:spend", "shared", "") == 0.5 * total
+
+        async def race(server: ServerThread) -> list[str]:
+            import trio
+
+            outcomes: list[str] = []
+
+            async def put(i: int) -> None:
+                try:
+                    await server.runtime.store.put_record("test:key", f"racer-{i}", {"i": i}, "contested")
+                    outcomes.append("won")
+                except ValueError:
+                    outcomes.append("taken")
+
+            async with trio.open_nursery() as nursery:
+                for i in range(10):
+                    nursery.start_soon(put, i)
+            return outcomes
+
+        outcomes = servers[0].run(race, servers[0])
+        assert sorted(outcomes) == ["taken"] * 9 + ["won"]
+    finally:
+        for server in servers:
+            server.stop()

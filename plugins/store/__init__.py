@@ -30,6 +30,7 @@ left live when it died are marked `interrupted`, with estimated usage.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Callable
 
@@ -56,7 +57,7 @@ from streamvisor.hooks import (
 )
 
 from . import queries
-from .db import Database, StoreUnavailable, Target, owner_name, parse_url
+from .db import Conflict, Database, StoreUnavailable, Target, owner_name, parse_url
 
 log = logging.getLogger("streamvisor.store")
 
@@ -147,47 +148,96 @@ class _Failing:
 
 
 class Store:
-    """The session store the runtime and the usage plugin read (`SessionStore`)."""
+    """The session store the runtime and the usage plugin read (`SessionStore`),
+    and other plugins' records and amounts (`RecordStore`)."""
 
     def __init__(self, plugin: "StorePlugin") -> None:
         self._plugin = plugin
 
-    async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _run(self, fn: Callable[..., Any], *args: Any, write: bool = False) -> Any:
+        """Run `fn(conn, *args)` in a worker thread, in a short transaction of
+        its own (a `write` one takes SQLite's write lock at once)."""
         db = self._plugin.db
         if db is None:
             raise _unavailable("the store is not open")
 
         def run() -> Any:
-            with db.connection(write=False) as conn:
+            with db.connection(write=write) as conn:
                 return fn(conn, *args)
 
         try:
             return await trio.to_thread.run_sync(run, limiter=self._plugin.readers)
+        except Conflict:
+            raise ValueError("another record of this kind has this lookup") from None
         except StoreUnavailable as exc:
             raise _unavailable(str(exc)) from None
 
     async def get(self, session_id: str) -> StoredSession | None:
-        return await self._read(queries.get, session_id)
+        return await self._run(queries.get, session_id)
 
     async def gone(self, session_id: str) -> str | None:
-        return await self._read(queries.gone, session_id)
+        return await self._run(queries.gone, session_id)
 
     async def chunks(self, session_id: str, start: int, limit: int) -> list[Delta]:
-        return await self._read(queries.chunks, session_id, start, limit)
+        return await self._run(queries.chunks, session_id, start, limit)
 
     async def sessions(self, query: SessionQuery) -> list[StoredSession]:
-        return await self._read(queries.sessions, query)
+        return await self._run(queries.sessions, query)
 
     async def delete(self, session_id: str) -> bool:
         return await self._plugin.delete(session_id)
 
-    async def usage(self, model: str | None, provider: str | None, identity: str | None, since: float | None, until: float | None) -> list[UsageRow]:
-        return await self._read(queries.usage, model, provider, identity, since, until)
+    async def usage(
+        self,
+        model: str | None,
+        provider: str | None,
+        identity: str | None,
+        since: float | None,
+        until: float | None,
+        *,
+        team: str | None = None,
+    ) -> list[UsageRow]:
+        return await self._run(queries.usage, model, provider, identity, since, until, team)
 
     async def usage_records(
-        self, model: str | None, provider: str | None, identity: str | None, since: float | None, until: float | None, limit: int
+        self,
+        model: str | None,
+        provider: str | None,
+        identity: str | None,
+        since: float | None,
+        until: float | None,
+        limit: int,
+        *,
+        team: str | None = None,
     ) -> list[dict[str, Any]]:
-        return await self._read(queries.usage_records, model, provider, identity, since, until, limit)
+        return await self._run(queries.usage_records, model, provider, identity, since, until, limit, team)
+
+    # -- RecordStore (contract 1.2) -------------------------------------------------------
+
+    async def put_record(self, kind: str, record_id: str, data: dict[str, Any], lookup: str | None = None) -> None:
+        if not isinstance(data, dict):
+            raise TypeError(f"a record's data is a dict, not {type(data).__name__}")
+        encoded = orjson.dumps(data).decode()  # here: a TypeError for what JSON cannot hold
+        await self._run(queries.put_record, kind, record_id, encoded, lookup, time.time(), write=True)
+
+    async def get_record(self, kind: str, record_id: str) -> dict[str, Any] | None:
+        return await self._run(queries.get_record, kind, record_id)
+
+    async def find_record(self, kind: str, lookup: str) -> tuple[str, dict[str, Any]] | None:
+        return await self._run(queries.find_record, kind, lookup)
+
+    async def list_records(self, kind: str, limit: int, after: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+        if limit < 1:
+            return []
+        return await self._run(queries.list_records, kind, limit, after)
+
+    async def add_amount(self, kind: str, amount_id: str, period: str, amount: float) -> float:
+        if not math.isfinite(amount):
+            raise ValueError(f"an amount is a finite number, not {amount!r}")
+        return await self._run(queries.add_amount, kind, amount_id, period, float(amount), write=True)
+
+    async def amount(self, kind: str, amount_id: str, period: str) -> float:
+        return await self._run(queries.amount, kind, amount_id, period)
 
 
 def _unavailable(reason: str) -> APIError:
@@ -204,7 +254,7 @@ class _Metrics:
 
 class StorePlugin:
     Settings = Settings
-    streamvisor_contract = "1.1"
+    streamvisor_contract = "1.2"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -439,6 +489,9 @@ class StorePlugin:
             None if usage is None else int(usage.exact),
             self._transcript,
             self._request_json(request) if new else None,
+            session.team,
+            None if usage is None else usage.cost_usd,
+            None if usage is None else usage.cached_tokens,
         )
 
     @staticmethod
@@ -450,6 +503,7 @@ class StorePlugin:
         return (
             event.session_id, event.request_id, event.model, event.provider, event.identity, event.type, event.at,
             usage.prompt_tokens, usage.completion_tokens, usage.reasoning_tokens, outcome.duration_ms, outcome.first_token_ms, int(usage.exact),
+            event.team, usage.cost_usd, usage.cached_tokens,
         )
 
     # -- writing ------------------------------------------------------------------------------

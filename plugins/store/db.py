@@ -30,6 +30,11 @@ class StoreUnavailable(Exception):
     """The database cannot be reached or refused the work."""
 
 
+class Conflict(StoreUnavailable):
+    """A write broke a unique index (another record has that lookup). A
+    `StoreUnavailable` too, so that a writer's batch treats it as any failure."""
+
+
 @attrs.frozen
 class Target:
     """Where the store lives, parsed from its `url`."""
@@ -164,7 +169,7 @@ class Database:
             raise
         except Exception as exc:
             if _is_db_error(exc):
-                raise StoreUnavailable(_reason(exc)) from exc
+                raise (Conflict if _is_unique_violation(exc) else StoreUnavailable)(_reason(exc)) from exc
             raise
 
     # -- migrations ----------------------------------------------------------------
@@ -249,6 +254,12 @@ def _is_db_error(exc: BaseException) -> bool:
         return True
     module = type(exc).__module__
     return module.startswith(("psycopg", "psycopg_pool"))
+
+
+def _is_unique_violation(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.IntegrityError):
+        return "UNIQUE" in str(exc)
+    return getattr(exc, "sqlstate", None) == "23505"
 
 
 def _reason(exc: BaseException) -> str:

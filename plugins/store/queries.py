@@ -54,6 +54,7 @@ ROW_COLUMNS = (
     "id", "request_id", "identity", "model", "provider", "state", "owner", "background", "include_usage", "created_at", "updated_at",
     "finished_at", "started_ms", "first_token_ms", "duration_ms", "finish_reason", "error", "chunk_count", "output_chars",
     "prompt_estimate", "prompt_tokens", "completion_tokens", "reasoning_tokens", "usage_exact", "transcript", "request",
+    "team", "cost_usd", "cached_tokens",
 )
 #: What an upsert changes of a stored row: a state already final stays (a late
 #: snapshot never revives a session), the request only when given.
@@ -62,7 +63,7 @@ _ROW_UPDATE = ", ".join(
         "state = CASE WHEN sessions.state IN ('pending', 'running') THEN excluded.state ELSE sessions.state END",
         *(f"{c} = excluded.{c}" for c in (
             "updated_at", "finished_at", "started_ms", "first_token_ms", "duration_ms", "finish_reason", "error", "chunk_count",
-            "output_chars", "prompt_tokens", "completion_tokens", "reasoning_tokens", "usage_exact",
+            "output_chars", "prompt_tokens", "completion_tokens", "reasoning_tokens", "usage_exact", "cost_usd", "cached_tokens",
         )),
         "request = COALESCE(excluded.request, sessions.request)",
     ]
@@ -70,7 +71,7 @@ _ROW_UPDATE = ", ".join(
 #: The columns of a usage record, in the order of the plugin's tuples.
 USAGE_COLUMNS = (
     "session_id", "request_id", "model", "provider", "identity", "outcome", "finished_at", "prompt_tokens", "completion_tokens",
-    "reasoning_tokens", "duration_ms", "first_token_ms", "exact",
+    "reasoning_tokens", "duration_ms", "first_token_ms", "exact", "team", "cost_usd", "cached_tokens",
 )
 #: SQLite: rows per multi-row statement, largest first. A batch is written in
 #: groups of these sizes, so each table has three statement texts, prepared
@@ -134,8 +135,9 @@ def recover(conn: Conn, owner: str) -> list[str]:
         )
         conn.execute(
             "INSERT INTO usage_records (session_id, request_id, model, provider, identity, outcome, finished_at, prompt_tokens, completion_tokens,"
-            " reasoning_tokens, duration_ms, first_token_ms, exact) SELECT id, request_id, model, provider, identity, 'interrupted', finished_at,"
-            " prompt_tokens, completion_tokens, reasoning_tokens, duration_ms, first_token_ms, 0 FROM sessions WHERE id = ?"
+            " reasoning_tokens, duration_ms, first_token_ms, exact, team, cost_usd, cached_tokens) SELECT id, request_id, model, provider, identity,"
+            " 'interrupted', finished_at, prompt_tokens, completion_tokens, reasoning_tokens, duration_ms, first_token_ms, 0, team, cost_usd,"
+            " cached_tokens FROM sessions WHERE id = ?"
             " ON CONFLICT (session_id) DO NOTHING",
             (session_id,),
         )
@@ -146,7 +148,8 @@ def recover(conn: Conn, owner: str) -> list[str]:
 
 _SESSION_COLUMNS = (
     "id, request_id, identity, model, provider, state, created_at, finish_reason, error, chunk_count, started_ms, first_token_ms,"
-    " duration_ms, prompt_tokens, completion_tokens, reasoning_tokens, usage_exact, background, include_usage, transcript, updated_at"
+    " duration_ms, prompt_tokens, completion_tokens, reasoning_tokens, usage_exact, background, include_usage, transcript, updated_at,"
+    " team, cost_usd, cached_tokens"
 )
 
 
@@ -154,11 +157,18 @@ def _stored(row: Sequence[Any]) -> StoredSession:
     (
         session_id, request_id, identity, model, provider, state, created_at, finish_reason, error, chunk_count, started_ms,
         first_token_ms, duration_ms, prompt_tokens, completion_tokens, reasoning_tokens, usage_exact, background, include_usage,
-        transcript, updated_at,
+        transcript, updated_at, team, cost_usd, cached_tokens,
     ) = row
     usage = None
     if prompt_tokens is not None or completion_tokens is not None:
-        usage = Usage(int(prompt_tokens or 0), int(completion_tokens or 0), int(reasoning_tokens or 0), exact=bool(usage_exact))
+        usage = Usage(
+            int(prompt_tokens or 0),
+            int(completion_tokens or 0),
+            int(reasoning_tokens or 0),
+            exact=bool(usage_exact),
+            cached_tokens=int(cached_tokens or 0),
+            cost_usd=None if cost_usd is None else float(cost_usd),
+        )
     if duration_ms is None:
         duration_ms = round((updated_at - created_at) * 1000, 3)
     return StoredSession(
@@ -182,6 +192,7 @@ def _stored(row: Sequence[Any]) -> StoredSession:
         background=bool(background),
         include_usage=bool(include_usage),
         transcript=transcript,
+        team=team,
     )
 
 
@@ -236,7 +247,9 @@ def _clause(where: list[str]) -> str:
 
 
 def sessions(conn: Conn, query: SessionQuery) -> list[StoredSession]:
-    where, params = _where((("state", query.state), ("model", query.model), ("identity", query.identity)), "created_at", query.since, query.until)
+    where, params = _where(
+        (("state", query.state), ("model", query.model), ("identity", query.identity), ("team", query.team)), "created_at", query.since, query.until
+    )
     if query.after is not None:
         at, session_id = query.after
         where.append("(created_at < ? OR (created_at = ? AND id < ?))")
@@ -262,41 +275,104 @@ def delete(conn: Conn, session_id: str, at: float, known: bool = False) -> bool:
     return found
 
 
-def _usage_where(model: str | None, provider: str | None, identity: str | None, since: float | None, until: float | None) -> tuple[str, list[Any]]:
-    where, params = _where((("model", model), ("provider", provider), ("identity", identity)), "finished_at", since, until)
+def _usage_where(
+    model: str | None, provider: str | None, identity: str | None, since: float | None, until: float | None, team: str | None
+) -> tuple[str, list[Any]]:
+    where, params = _where((("model", model), ("provider", provider), ("identity", identity), ("team", team)), "finished_at", since, until)
     return _clause(where), params
 
 
-def usage(conn: Conn, model: str | None, provider: str | None, identity: str | None, since: float | None, until: float | None) -> list[UsageRow]:
-    clause, params = _usage_where(model, provider, identity, since, until)
+def usage(
+    conn: Conn, model: str | None, provider: str | None, identity: str | None, since: float | None, until: float | None, team: str | None = None
+) -> list[UsageRow]:
+    clause, params = _usage_where(model, provider, identity, since, until, team)
     rows = conn.all(
         "SELECT model, provider, identity, outcome, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(reasoning_tokens),"
-        f" SUM(duration_ms), SUM(1 - exact) FROM usage_records{clause} GROUP BY model, provider, identity, outcome",
+        f" SUM(duration_ms), SUM(1 - exact), SUM(cost_usd) FROM usage_records{clause} GROUP BY model, provider, identity, outcome",
         params,
     )
     return [
-        UsageRow(m, p, i, o, int(n), int(pt or 0), int(ct or 0), int(rt or 0), float(d or 0.0), int(e or 0))
-        for m, p, i, o, n, pt, ct, rt, d, e in rows
+        UsageRow(m, p, i, o, int(n), int(pt or 0), int(ct or 0), int(rt or 0), float(d or 0.0), int(e or 0), float(c or 0.0))
+        for m, p, i, o, n, pt, ct, rt, d, e, c in rows
     ]
 
 
 def usage_records(
-    conn: Conn, model: str | None, provider: str | None, identity: str | None, since: float | None, until: float | None, limit: int
+    conn: Conn,
+    model: str | None,
+    provider: str | None,
+    identity: str | None,
+    since: float | None,
+    until: float | None,
+    limit: int,
+    team: str | None = None,
 ) -> list[dict[str, Any]]:
-    clause, params = _usage_where(model, provider, identity, since, until)
+    clause, params = _usage_where(model, provider, identity, since, until, team)
     rows = conn.all(
         "SELECT session_id, request_id, model, provider, identity, outcome, finished_at, prompt_tokens, completion_tokens, reasoning_tokens,"
-        f" duration_ms, first_token_ms, exact FROM usage_records{clause} ORDER BY finished_at DESC LIMIT ?",
+        f" duration_ms, first_token_ms, exact, team, cost_usd, cached_tokens FROM usage_records{clause} ORDER BY finished_at DESC LIMIT ?",
         (*params, limit),
     )
     return [
         {
-            "session_id": r[0], "request_id": r[1], "model": r[2], "provider": r[3], "identity": r[4], "outcome": r[5],
+            "session_id": r[0], "request_id": r[1], "model": r[2], "provider": r[3], "identity": r[4], "team": r[13], "outcome": r[5],
             "finished_at": round(float(r[6]), 3), "prompt_tokens": int(r[7]), "completion_tokens": int(r[8]), "reasoning_tokens": int(r[9]),
-            "total_tokens": int(r[7]) + int(r[8]), "duration_ms": float(r[10]), "first_token_ms": r[11], "exact": bool(r[12]),
+            "cached_tokens": int(r[15] or 0), "total_tokens": int(r[7]) + int(r[8]), "cost_usd": None if r[14] is None else float(r[14]),
+            "duration_ms": float(r[10]), "first_token_ms": r[11], "exact": bool(r[12]),
         }
         for r in rows
     ]
+
+
+# -- records and amounts (RecordStore) -----------------------------------------------------
+
+
+def put_record(conn: Conn, kind: str, record_id: str, data: str, lookup: str | None, at: float) -> None:
+    """Create or replace a record (`data` is its JSON). A lookup another
+    record of the kind has breaks the unique index (kind, lookup): the
+    database raises, and the store answers ValueError. The index, not a read
+    before the write, decides, so two servers racing for a lookup cannot both
+    get it."""
+    conn.execute(
+        "INSERT INTO records (kind, id, lookup, data, updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (kind, id) DO UPDATE SET"
+        " lookup = excluded.lookup, data = excluded.data, updated_at = excluded.updated_at",
+        (kind, record_id, lookup, data, at),
+    )
+
+
+def get_record(conn: Conn, kind: str, record_id: str) -> dict[str, Any] | None:
+    row = conn.one("SELECT data FROM records WHERE kind = ? AND id = ?", (kind, record_id))
+    return None if row is None else orjson.loads(row[0])
+
+
+def find_record(conn: Conn, kind: str, lookup: str) -> tuple[str, dict[str, Any]] | None:
+    row = conn.one("SELECT id, data FROM records WHERE kind = ? AND lookup = ?", (kind, lookup))
+    return None if row is None else (row[0], orjson.loads(row[1]))
+
+
+def list_records(conn: Conn, kind: str, limit: int, after: str | None) -> list[tuple[str, dict[str, Any]]]:
+    if after is None:
+        rows = conn.all("SELECT id, data FROM records WHERE kind = ? ORDER BY id LIMIT ?", (kind, limit))
+    else:
+        rows = conn.all("SELECT id, data FROM records WHERE kind = ? AND id > ? ORDER BY id LIMIT ?", (kind, after, limit))
+    return [(r[0], orjson.loads(r[1])) for r in rows]
+
+
+def add_amount(conn: Conn, kind: str, amount_id: str, period: str, amount: float) -> float:
+    """Add in one upsert, then read the sum back in the same transaction: the
+    upsert holds the row (PostgreSQL's row lock, SQLite's write lock) until
+    the commit, so the value read is this addition's result."""
+    conn.execute(
+        "INSERT INTO amounts (kind, id, period, amount) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (kind, id, period) DO UPDATE SET amount = amounts.amount + excluded.amount",
+        (kind, amount_id, period, amount),
+    )
+    return float(conn.one("SELECT amount FROM amounts WHERE kind = ? AND id = ? AND period = ?", (kind, amount_id, period))[0])
+
+
+def amount(conn: Conn, kind: str, amount_id: str, period: str) -> float:
+    row = conn.one("SELECT amount FROM amounts WHERE kind = ? AND id = ? AND period = ?", (kind, amount_id, period))
+    return 0.0 if row is None else float(row[0])
 
 
 # -- retention ---------------------------------------------------------------------------

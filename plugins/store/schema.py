@@ -79,6 +79,39 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             "CREATE INDEX tombstones_at ON tombstones (at)",
         ],
     ),
+    (
+        2,
+        "teams and costs; records and amounts for other plugins",
+        [
+            # One column per statement: SQLite adds one at a time.
+            *(
+                f"ALTER TABLE {table} ADD COLUMN {column}"
+                for table in ("sessions", "usage_records")
+                for column in ("team TEXT", "cost_usd DOUBLE PRECISION", "cached_tokens BIGINT")
+            ),
+            # A team admin's usage: its team's records in a window.
+            "CREATE INDEX usage_team ON usage_records (team, finished_at)",
+            # RecordStore: small JSON records of other plugins (API keys, say), and
+            # running amounts (their spend) that every instance adds to atomically.
+            """CREATE TABLE records (
+                kind TEXT NOT NULL,
+                id TEXT NOT NULL,
+                lookup TEXT,
+                data TEXT NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (kind, id)
+            )""",
+            # Unique among the records that have one (NULLs are distinct in both).
+            "CREATE UNIQUE INDEX records_lookup ON records (kind, lookup)",
+            """CREATE TABLE amounts (
+                kind TEXT NOT NULL,
+                id TEXT NOT NULL,
+                period TEXT NOT NULL,
+                amount DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (kind, id, period)
+            )""",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]
