@@ -31,13 +31,14 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import openapi, sse
+from .auth import current_principal
 from .chat import ChatRequest
 from .errors import APIError, InternalError, MethodNotAllowed, NotFound, PayloadTooLarge
 from .logs import request_id_var, session_id_var
 from .metrics import Labelled
-from .runtime import Runtime
+from .runtime import Runtime, admission_headers
 from .session_api import add_session_routes
-from .sessions import Session
+from .sessions import Session, new_id
 from .web import json_response, read_json
 
 log = logging.getLogger("streamvisor.http")
@@ -85,6 +86,10 @@ def create_app(runtime: Runtime) -> QuartTrio:
         given = request.headers.get("X-Request-ID", "")
         g.request_id = given if _SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         request_id_var.set(g.request_id)
+        if request.path == "/v1" or request.path.startswith("/v1/"):
+            # Every /v1 route, core's and plugins' alike, has a principal: the
+            # authenticators' answer (a 401 ends the request here).
+            g.principal = await runtime.authenticate(request.headers, request.path)
 
     @app.after_request
     async def finish_request(response: Response) -> Response:
@@ -129,20 +134,31 @@ def create_app(runtime: Runtime) -> QuartTrio:
     @app.post("/v1/chat/completions")
     async def chat_completions() -> Response:
         chat = ChatRequest.from_openai(await read_json())
-        chat = attrs.evolve(chat, request_id=g.request_id)
-        session = runtime.open_session(chat)
+        principal = current_principal()
+        chat = attrs.evolve(
+            chat, request_id=g.request_id, session_id=new_id("sess_"), identity=principal.identity, team=principal.team, key_id=principal.key_id
+        )
+        runtime.check_capacity(chat)  # refuse before a gate reserves anything
+        admissions = await runtime.admit(chat, principal)
+        try:
+            session = runtime.open_session(chat)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await runtime.release(admissions)
+            raise
+        admitted = admission_headers(admissions)
         session_id_var.set(session.id)
         if chat.background and not chat.stream:
             # Detached: the client collects it later (GET /v1/sessions/{id},
             # /completion, /stream). Nothing waits here, nothing cancels it.
             return json_response(
-                session.to_json(), 202, headers={"X-Session-ID": session.id, "Location": f"/v1/sessions/{session.id}"}
+                session.to_json(), 202, headers={**admitted, "X-Session-ID": session.id, "Location": f"/v1/sessions/{session.id}"}
             )
         handed_off = False
         try:
             await session.wait_first()
             # Plugins may have set headers (X-Cache, ...) before the first chunk.
-            headers = {**session.headers, "X-Session-ID": session.id}
+            headers = {**admitted, **session.headers, "X-Session-ID": session.id}
             if chat.background:
                 headers["Location"] = f"/v1/sessions/{session.id}"
             if session.error is not None and not session.chunks:

@@ -43,6 +43,12 @@ class Usage:
     reasoning_tokens: int = 0
     #: True when the counts come from the provider's tokenizer, False when estimated.
     exact: bool = True
+    #: Prompt tokens the provider served from its prompt cache (part of
+    #: `prompt_tokens`, priced apart; contract 1.2).
+    cached_tokens: int = 0
+    #: What the session cost in US dollars, from the pricing plugin's table; None
+    #: when no plugin prices sessions (contract 1.2).
+    cost_usd: float | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -56,10 +62,14 @@ class Usage:
         }
         if self.reasoning_tokens:
             body["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
+        if self.cached_tokens:
+            body["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        if self.cost_usd is not None:
+            body["cost_usd"] = self.cost_usd
         return body
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.to_openai(), "exact": self.exact}
+        return {**self.to_openai(), "cost_usd": self.cost_usd, "exact": self.exact}
 
 
 @attrs.frozen(slots=True)
@@ -181,8 +191,14 @@ class ChatRequest:
     #: Set by the runtime: who is asking, and for which request and session.
     request_id: str = ""
     session_id: str = ""
-    #: The caller's identity (an API key's owner once keys exist).
+    #: The caller's identity: the owner of the API key it came with, or
+    #: "anonymous" when no plugin authenticates requests.
     identity: str = "anonymous"
+    #: The caller's team, when its key belongs to one (contract 1.2).
+    team: str | None = None
+    #: The id of the credential the request came with (an API key's id), or
+    #: None (contract 1.2).
+    key_id: str | None = None
 
     @classmethod
     def from_openai(cls, body: Any) -> "ChatRequest":

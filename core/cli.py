@@ -300,6 +300,41 @@ def cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- keys --------------------------------------------------------------------------
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """`streamvisor keys ...`: the keys plugin's own command, run against the
+    store outside any server. The plugin whose object has `keys_command` is the
+    keys plugin; the one with `offline_store` opens the store."""
+    from streamvisor.hooks.manager import PluginHost
+
+    config = build_config(args)
+    host = PluginHost.from_config(config)
+    keys = [p for p in host if callable(getattr(p.plugin, "keys_command", None))]
+    stores = [p for p in host if callable(getattr(p.plugin, "offline_store", None))]
+    if not keys:
+        print(f"streamvisor: {config.source} does not enable the keys plugin (add a [plugins.keys] table)", file=sys.stderr)
+        return 2
+    if not stores:
+        print(f"streamvisor: {config.source} enables no store plugin, where keys are kept (add a [plugins.store] table)", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        try:
+            opened = stores[0].plugin.offline_store(config.source)
+            store = await opened.__aenter__()
+        except Exception as exc:
+            print(f"streamvisor: the store of plugin {stores[0].name!r} cannot be opened: {exc}", file=sys.stderr)
+            return 1
+        try:
+            return await keys[0].plugin.keys_command(args.argv, store)
+        finally:
+            await opened.__aexit__(None, None, None)
+
+    return trio.run(run)
+
+
 # -- new-plugin ------------------------------------------------------------------
 
 
@@ -358,6 +393,15 @@ def parser() -> argparse.ArgumentParser:
     with_config(db_p)
     db_p.add_argument("action", choices=("status", "upgrade"), help="status: show the schema version and pending migrations; upgrade: run them")
     db_p.set_defaults(run=cmd_db)
+
+    keys_p = commands.add_parser(
+        "keys",
+        help="API keys in the store: create, list, show, revoke, rotate",
+        description="Manage API keys in the store (the keys plugin); `streamvisor keys create --help` for a command's options.",
+    )
+    with_config(keys_p)
+    keys_p.add_argument("argv", nargs=argparse.REMAINDER, metavar="create|list|show|revoke|rotate ...")
+    keys_p.set_defaults(run=cmd_keys)
 
     new_p = commands.add_parser("new-plugin", help="write a ready third-party plugin package to start from")
     new_p.add_argument("name", help="the plugin's name in plugins.toml (lower case; the package is streamvisor-NAME)")

@@ -100,10 +100,14 @@ class Event:
     at: float
     #: What the event type says about itself; `{}` for most core types.
     data: Mapping[str, Any] = attrs.field(factory=dict)
-    #: Who asked: the API key's identity once keys exist, "anonymous" until then.
+    #: Who asked: the API key's identity, "anonymous" when nothing authenticates.
     identity: str = "anonymous"
     #: Set on terminal events only.
     outcome: Outcome | None = None
+    #: The caller's team, when its key belongs to one (contract 1.2).
+    team: str | None = None
+    #: The id of the API key the session was made with, or None (contract 1.2).
+    key_id: str | None = None
 
     @property
     def terminal(self) -> bool:
@@ -215,7 +219,7 @@ class EventDispatcher:
                 raise ValueError(f"event type {type!r} was never declared (declare it with the register_event_types hook)")
             return
         self.dispatch(
-            Event(type, session.id, session.request_id, session.model, session.provider, time.time(), data, session.identity, outcome)
+            Event(type, session.id, session.request_id, session.model, session.provider, time.time(), data, session.identity, outcome, session.team, session.key_id)
         )
 
     def dispatch(self, event: Event) -> None:

@@ -142,6 +142,8 @@ _USAGE = {
         "completion_tokens": {"type": "integer"},
         "total_tokens": {"type": "integer"},
         "completion_tokens_details": {"type": "object", "properties": {"reasoning_tokens": {"type": "integer"}}},
+        "prompt_tokens_details": {"type": "object", "properties": {"cached_tokens": {"type": "integer"}}},
+        "cost_usd": {"type": ["number", "null"], "description": "What the session cost in US dollars, when a plugin prices it."},
     },
 }
 
@@ -198,6 +200,8 @@ _SESSION = {
         "object": {"const": "session"},
         "request_id": {"type": "string"},
         "identity": {"type": "string"},
+        "team": {**_NULLABLE_STRING, "description": "The caller's team, when its API key belongs to one."},
+        "key_id": {**_NULLABLE_STRING, "description": "The id of the API key the session was made with."},
         "model": {"type": "string"},
         "provider": {"type": "string"},
         "state": {"enum": list(STATES)},

@@ -17,8 +17,10 @@ with a leading underscore are the runtime's own.
 from __future__ import annotations
 
 import functools
+import hmac
 import inspect
 import logging
+import math
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Mapping
@@ -31,7 +33,8 @@ from streamvisor.config import ConfigError, StreamvisorConfig
 from streamvisor.hooks.manager import PluginHost
 from streamvisor.hooks.markers import deprecated
 
-from .chat import ChatRequest, Delta
+from .auth import ADMIN, ANONYMOUS, Admission, Principal
+from .chat import ChatRequest, Delta, Usage
 from .errors import APIError, InternalError, Overloaded
 from .events import EventDispatcher
 from .faults import PluginError, PluginFaults
@@ -46,6 +49,9 @@ log = logging.getLogger("streamvisor.runtime")
 
 Middleware = Callable[[ChatRequest, StreamFn, Session], AsyncIterator[Delta]]
 StatusPanel = Callable[[], Any]
+Authenticator = Callable[[Mapping[str, str], str], Any]
+Gate = Callable[[ChatRequest, Principal], Any]
+Pricer = Callable[[str, Usage, "Session | None"], "float | None"]
 
 #: The bound on one status panel when `status_panels()` gathers them.
 PANEL_TIMEOUT_SECONDS = 2.0
@@ -130,6 +136,9 @@ class Runtime:
         self._routes: list[PluginRoute] = []
         self._health_checks: dict[str, HealthCheck] = {}
         self._panels: dict[str, dict[str, StatusPanel]] = {}
+        self._authenticators: list[tuple[str, Authenticator]] = []
+        self._gates: list[tuple[str, Gate]] = []
+        self._pricers: list[tuple[str, Pricer]] = []
         self._max_live_sessions = server.max_live_sessions
         #: The session store a plugin offered (`register_store`), or None.
         self.store: SessionStore | None = None
@@ -194,6 +203,9 @@ class Runtime:
         await self._call_hook("register_services", per_plugin(self._add_service))
         await self._call_hook("register_health_checks", per_plugin(self._add_check))
         await self._call_hook("register_store", per_plugin(self._set_store))
+        await self._call_hook("register_authenticators", per_plugin(self._adder(self._authenticators, "authenticator")))
+        await self._call_hook("register_gates", per_plugin(self._adder(self._gates, "gate")))
+        await self._call_hook("register_pricing", per_plugin(self._adder(self._pricers, "price function")))
         await self._call_hook("register_status_panels", per_plugin(self._add_panel))
         for call in host.implementations("on_event"):
             types = getattr(call.function, "streamvisor_event_types", None)
@@ -282,6 +294,15 @@ class Runtime:
             raise TypeError(f"the health check {name!r} is {check!r}, not an async function")
         self._health_checks[f"{plugin}:{name}"] = check
 
+    @staticmethod
+    def _adder(into: list[tuple[str, Any]], what: str) -> Callable[..., None]:
+        def add(plugin: str, function: Any) -> None:
+            if not callable(function):
+                raise TypeError(f"the {what} {function!r} is not callable")
+            into.append((plugin, function))
+
+        return add
+
     def _set_store(self, plugin: str, store: Any) -> None:
         missing = [name for name in STORE_METHODS if not callable(getattr(store, name, None))]
         if missing:
@@ -324,6 +345,104 @@ class Runtime:
                 log.warning("the shutdown hook of plugin %r did not finish within the grace period (%g s)", call.plugin_name, grace)
         with trio.move_on_at(deadline):
             await self.providers.aclose()
+
+    # -- who asks, and what it costs (contract 1.2) -----------------------------
+
+    @property
+    def authenticates(self) -> bool:
+        """Whether a plugin authenticates requests (`/v1` routes need a credential)."""
+        return bool(self._authenticators)
+
+    async def authenticate(self, headers: Mapping[str, str], path: str) -> Principal:
+        """The principal of a request: `ADMIN` for the admin key, else the first
+        authenticator's answer; `ANONYMOUS` when no plugin authenticates. An
+        authenticator's `APIError` is the answer; none vouching is a 401."""
+        from .web import admin_key, bearer_token
+
+        token = bearer_token(headers)
+        key = admin_key()
+        if token is not None and key is not None and hmac.compare_digest(token.encode(), key.encode()):
+            return ADMIN
+        if not self._authenticators:
+            return ANONYMOUS
+        for plugin, authenticate in self._authenticators:
+            try:
+                principal = await _maybe_await(authenticate(headers, path))
+            except APIError:
+                raise
+            except Exception as exc:
+                self.faults.record(plugin, "authenticator", exc)
+                raise InternalError("The server could not check the request's credentials.") from None
+            if principal is None:
+                continue
+            if not isinstance(principal, Principal):
+                self.faults.record(plugin, "authenticator", TypeError(f"it returned {type(principal).__name__}, not a Principal"))
+                raise InternalError("The server could not check the request's credentials.")
+            return principal
+        raise APIError(
+            "You didn't provide an API key. Send it as 'Authorization: Bearer sk-...'." if token is None else "Incorrect API key provided.",
+            status=401,
+            type="invalid_request_error",
+            code="invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    async def admit(self, request: ChatRequest, principal: Principal) -> list[Admission]:
+        """Run every gate on a request about to become a session. When one
+        refuses, those that had let it through are released and the refusal
+        (with their headers) is raised."""
+        admitted: list[Admission] = []
+        try:
+            for plugin, gate in self._gates:
+                try:
+                    result = await _maybe_await(gate(request, principal))
+                except APIError:
+                    raise
+                except Exception as exc:
+                    self.faults.record(plugin, "gate", exc)
+                    raise InternalError("The server could not admit the request.") from None
+                if result is None:
+                    continue
+                if not isinstance(result, Admission):
+                    self.faults.record(plugin, "gate", TypeError(f"it returned {type(result).__name__}, not an Admission"))
+                    raise InternalError("The server could not admit the request.")
+                admitted.append(result)
+        except APIError as refusal:
+            await self.release(admitted)
+            refusal.headers = {**admission_headers(admitted), **refusal.headers}
+            raise
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.release(admitted)
+            raise
+        return admitted
+
+    async def release(self, admissions: list[Admission]) -> None:
+        """Undo admissions whose session never started."""
+        for admission in admissions:
+            if admission.release is None:
+                continue
+            try:
+                await _maybe_await(admission.release())
+            except Exception:
+                log.exception("releasing an admission failed")
+
+    def price(self, model: str, usage: Usage, session: Session | None = None) -> float | None:
+        """What `usage` on `model` costs in US dollars: the first registered price
+        function's answer that is not None; None when none prices it. A price
+        function that raises counts as a fault of its plugin and prices nothing."""
+        for plugin, price in self._pricers:
+            try:
+                cost = price(model, usage, session)
+                if cost is None:
+                    continue
+                if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost) or cost < 0:
+                    raise TypeError(f"it priced {model!r} at {cost!r}, not a number of US dollars of at least 0")
+            except Exception as exc:
+                self.faults.record(plugin, "price function", exc)
+                continue
+            return float(cost)
+        return None
 
     # -- introspection --------------------------------------------------------
 
@@ -446,12 +565,18 @@ class Runtime:
     # -- sessions -------------------------------------------------------------
 
     def open_session(self, request: ChatRequest) -> Session:
-        """Resolve the model, register a session and start its actor.
+        """Resolve the model, register a session and start its actor (see
+        `check_capacity`). The request's `session_id` is kept when set (a gate
+        saw it), else one is made."""
+        self.check_capacity(request)
+        return self._start(request)
 
-        Refused with `Overloaded` (503) while the live sessions, plus the terminal
-        events a listener has yet to handle, reach `[server] max_live_sessions`.
-        """
-        route = self.providers.resolve(request.model)
+    def check_capacity(self, request: ChatRequest) -> None:
+        """Whether a session for `request` may open now: its model resolves, and
+        the server has room. Refused with `Overloaded` (503) while the live
+        sessions, plus the terminal events a listener has yet to handle, reach
+        `[server] max_live_sessions`."""
+        self.providers.resolve(request.model)
         if self._nursery is None:
             raise RuntimeError("the runtime is not running")
         live = self.sessions.live_count
@@ -477,8 +602,14 @@ class Runtime:
                     code="too_many_background_sessions",
                     headers={"Retry-After": "1"},
                 )
-        session_id = new_id("sess_")
-        request = attrs.evolve(request, session_id=session_id)
+
+    def _start(self, request: ChatRequest) -> Session:
+        route = self.providers.resolve(request.model)
+        if self._nursery is None:
+            raise RuntimeError("the runtime is not running")
+        session_id = request.session_id or new_id("sess_")
+        if not request.session_id:
+            request = attrs.evolve(request, session_id=session_id)
         session = Session(
             id=session_id,
             request_id=request.request_id,
@@ -486,13 +617,17 @@ class Runtime:
             provider=route.provider.name,
             request=request,
             identity=request.identity,
+            team=request.team,
+            key_id=request.key_id,
             background=request.background,
             max_chunks=self.config.server.max_session_chunks,
             events=self.events,
             meter=self.buffers,
         )
         stream = compose(self._middlewares, self._provider_stream, session, self.faults) if self._middlewares else self._provider_stream
-        actor = SessionActor(session, stream, self._transformers, self.events, self.sessions, self.faults, self._host.blame)
+        actor = SessionActor(
+            session, stream, self._transformers, self.events, self.sessions, self.faults, self._host.blame, self.price if self._pricers else None
+        )
         self.sessions.add(session)
         self.events.emit("created", session)
         self._nursery.start_soon(actor.run, name=f"session:{session_id}")
@@ -508,6 +643,13 @@ class Runtime:
         if route.target != request.model:
             request = attrs.evolve(request, model=route.target)
         return route.provider.stream(request)
+
+
+def admission_headers(admissions: list[Admission]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for admission in admissions:
+        headers.update(admission.headers)
+    return headers
 
 
 def _listener(call: Any, runtime: Runtime) -> Callable[[Any], Any]:

@@ -25,12 +25,13 @@ from quart import Response, g, request
 from quart_trio import QuartTrio
 
 from . import sse
+from .auth import Principal, current_principal
 from .chat import Delta, Usage
 from .errors import APIError, InvalidRequest, NotFound
 from .runtime import Runtime
 from .sessions import STATES, Session
 from .store import INTERRUPTED, SessionQuery, StoredSession, decode_cursor, encode_cursor
-from .web import json_response, require_admin
+from .web import check_admin, json_response
 
 log = logging.getLogger("streamvisor.http")
 
@@ -58,21 +59,31 @@ def completion_id(session_id: str) -> str:
     return f"chatcmpl-{session_id.removeprefix('sess_')}"
 
 
+def _missing(session_id: str) -> NotFound:
+    return NotFound(f"No session with id '{session_id}' (it never existed, or it is older than the retention and no store keeps it).")
+
+
 async def find(runtime: Runtime, session_id: str) -> Session | StoredSession:
     """The session in memory, else in the store; 404, or 410 when the store
-    says it was deleted or purged."""
+    says it was deleted or purged. Another caller's session is a 404 too: the
+    answer never tells whether an id exists."""
+    principal = current_principal()
     session = runtime.sessions.find(session_id)
     if session is not None:
+        if not principal.sees(session.identity, session.team):
+            raise _missing(session_id)
         return session
     store = runtime.store
     if store is not None:
         stored = await store.get(session_id)
         if stored is not None:
+            if not principal.sees(stored.identity, stored.team):
+                raise _missing(session_id)
             return stored
         why = await store.gone(session_id)
         if why is not None:
             raise Gone(f"Session '{session_id}' was {why}: its record is no longer kept.")
-    raise NotFound(f"No session with id '{session_id}' (it never existed, or it is older than the retention and no store keeps it).")
+    raise _missing(session_id)
 
 
 # -- query parameters --------------------------------------------------------------
@@ -325,16 +336,31 @@ async def transcript(runtime: Runtime, found: Session | StoredSession) -> list[D
             return deltas
 
 
+def scoped(query: SessionQuery, principal: Principal) -> SessionQuery | None:
+    """The query a caller may run: the admin key's as asked; a team admin's
+    within its team; a key's within its own identity. Without authentication
+    (anonymous callers) the list needs the admin key: the ids it gives away
+    open every transcript."""
+    if principal.is_admin:
+        return query
+    if not principal.authenticated:
+        check_admin()
+    if principal.role == "team_admin" and principal.team is not None:
+        return attrs.evolve(query, team=principal.team)
+    if query.identity is not None and query.identity != principal.identity:
+        return None  # someone else's: nothing this caller may see
+    return attrs.evolve(query, identity=principal.identity)
+
+
 def add_session_routes(app: QuartTrio, runtime: Runtime) -> None:
     @app.get("/v1/sessions")
-    @require_admin
     async def list_sessions() -> Response:
-        # The admin key, until API keys scope the list to an identity's own
-        # sessions: the ids it gives away open every transcript.
-        query = parse_query()
+        query = scoped(parse_query(), current_principal())
+        if query is None:
+            return json_response({"object": "list", "data": [], "has_more": False, "next_cursor": None})
         found: dict[str, tuple[float, str, Session | StoredSession]] = {}
         for session in runtime.sessions:
-            if query.selects(session.state, session.model, session.identity, session.created_at, session.id):
+            if query.selects(session.state, session.model, session.identity, session.created_at, session.id, session.team):
                 found[session.id] = (session.created_at, session.id, session)
         if runtime.store is not None:
             for stored in await runtime.store.sessions(attrs.evolve(query, limit=query.limit + 1)):
@@ -385,6 +411,7 @@ def add_session_routes(app: QuartTrio, runtime: Runtime) -> None:
 
     @app.delete("/v1/sessions/<session_id>")
     async def delete_session(session_id: str) -> Response:
+        await find(runtime, session_id)  # 404 for another caller's, 410 when gone already
         session = runtime.sessions.find(session_id)
         deleted = False
         if session is not None:

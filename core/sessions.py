@@ -113,6 +113,10 @@ class Session:
     #: The client's request, as validated.
     request: ChatRequest
     identity: str = "anonymous"
+    #: The caller's team, when its key belongs to one.
+    team: str | None = None
+    #: The id of the API key the session was made with, or None.
+    key_id: str | None = None
     max_chunks: int = 100_000
     #: Started with `background: true`: it outlives its HTTP request, and keeps
     #: its buffer (for followers) until its retention ends.
@@ -326,6 +330,8 @@ class Session:
             self.usage,
             None if self.error is None else self.error.summary(),
             self.background,
+            self.team,
+            self.key_id,
         )
 
 
@@ -343,6 +349,8 @@ def session_object(
     usage: Usage | None,
     error: Mapping[str, Any] | None,
     background: bool,
+    team: str | None = None,
+    key_id: str | None = None,
 ) -> dict[str, Any]:
     """The session object of the API (`GET /v1/sessions/{id}`), for a session in
     memory and for a stored one alike."""
@@ -351,6 +359,8 @@ def session_object(
         "object": "session",
         "request_id": request_id,
         "identity": identity,
+        "team": team,
+        "key_id": key_id,
         "model": model,
         "provider": provider,
         "state": state,
@@ -390,8 +400,10 @@ class SessionActor:
         registry: "SessionRegistry",
         faults: PluginFaults,
         blame: Callable[[BaseException], str | None] = lambda exc: None,
+        price: Callable[[str, Usage, Session], float | None] | None = None,
     ) -> None:
         self.session = session
+        self.price = price
         self.stream = stream
         self.factories = factories
         self.events = events
@@ -549,6 +561,15 @@ class SessionActor:
                 # exception here would escape the actor and stop the whole server.
                 log.exception("session %s: its usage could not be estimated", session.id)
                 session.usage = Usage(0, 0, exact=False)
+        if self.price is not None and session.usage.cost_usd is None:
+            if session.error is not None and not session.chunks and not session.usage.exact:
+                # Failed before anything was produced, and no upstream counted
+                # a token: nothing to charge.
+                session.usage = attrs.evolve(session.usage, cost_usd=0.0)
+            else:
+                # What it produced, stopped or not, at the price table's rates
+                # (runtime.price contains a price function's failure).
+                session.usage = attrs.evolve(session.usage, cost_usd=self.price(session.model, session.usage, session))
         if session.error is not None:
             state = "failed"
         elif not self.completed:

@@ -22,7 +22,7 @@ from .chat import Delta, Usage
 from .errors import InvalidRequest
 from .sessions import INTERRUPTED, LIVE_STATES, session_object
 
-__all__ = ["INTERRUPTED", "SessionQuery", "SessionStore", "StoredSession", "UsageRow", "decode_cursor", "encode_cursor"]
+__all__ = ["INTERRUPTED", "RecordStore", "SessionQuery", "SessionStore", "StoredSession", "UsageRow", "decode_cursor", "encode_cursor"]
 
 
 @attrs.frozen
@@ -53,6 +53,10 @@ class StoredSession:
     include_usage: bool = False
     #: "kept", "not_stored" (store_content = false) or "purged" (retention).
     transcript: str = "kept"
+    #: The caller's team, when its key belonged to one (contract 1.2).
+    team: str | None = None
+    #: The id of the API key the session was made with, or None (contract 1.2).
+    key_id: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -73,6 +77,8 @@ class StoredSession:
             self.usage,
             self.error,
             self.background,
+            self.team,
+            self.key_id,
         )
         body["transcript"] = self.transcript
         return body
@@ -92,8 +98,10 @@ class SessionQuery:
     until: float | None = None
     limit: int = 20
     after: tuple[float, str] | None = None
+    #: Only the sessions of this team (a team admin's list; contract 1.2).
+    team: str | None = None
 
-    def selects(self, state: str, model: str, identity: str, created_at: float, session_id: str) -> bool:
+    def selects(self, state: str, model: str, identity: str, created_at: float, session_id: str, team: str | None = None) -> bool:
         """Whether a session passes the filters and lies past the cursor."""
         if self.after is not None and (created_at, session_id) >= self.after:
             return False
@@ -101,6 +109,7 @@ class SessionQuery:
             (self.state is None or state == self.state)
             and (self.model is None or model == self.model)
             and (self.identity is None or identity == self.identity)
+            and (self.team is None or team == self.team)
             and (self.since is None or created_at >= self.since)
             and (self.until is None or created_at < self.until)
         )
@@ -189,3 +198,43 @@ class SessionStore(Protocol):
 
 #: The methods `register_store` checks a store has: those of `SessionStore`.
 STORE_METHODS = tuple(name for name, value in vars(SessionStore).items() if callable(value) and not name.startswith("_"))
+
+
+@runtime_checkable
+class RecordStore(Protocol):
+    """What a store may offer besides sessions (contract 1.2): small JSON
+    records and running amounts that other plugins keep in it (API keys and
+    their spend, say), so that they outlive the process and are shared by every
+    instance using the same database. A plugin that needs them checks
+    ``isinstance(runtime.store, RecordStore)``.
+
+    Records are grouped by `kind` (a plugin uses its own name as a prefix). A
+    record may have one `lookup` value, unique within its kind, to be found by
+    (a key's hash, say). Amounts are numbers per (kind, id, period), where
+    `period` is any label the plugin chooses ("2026-12", "" for all time); adding
+    to one is atomic. Every method is async and may raise an `APIError` (503)
+    when the database cannot answer.
+    """
+
+    async def put_record(self, kind: str, record_id: str, data: dict[str, Any], lookup: str | None = None) -> None:
+        """Create or replace a record. A `lookup` another record of the kind has
+        raises `ValueError`."""
+
+    async def get_record(self, kind: str, record_id: str) -> dict[str, Any] | None:
+        """The record's data, or None."""
+
+    async def find_record(self, kind: str, lookup: str) -> tuple[str, dict[str, Any]] | None:
+        """The (id, data) of the record with this lookup value, or None."""
+
+    async def list_records(self, kind: str, limit: int, after: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """Records of a kind by id, at most `limit`, those with ids after `after`."""
+
+    async def add_amount(self, kind: str, amount_id: str, period: str, amount: float) -> float:
+        """Add to an amount (created at 0) and return its new value."""
+
+    async def amount(self, kind: str, amount_id: str, period: str) -> float:
+        """An amount's value; 0 when nothing was added to it."""
+
+
+#: The methods of a `RecordStore`.
+RECORD_METHODS = tuple(name for name, value in vars(RecordStore).items() if callable(value) and not name.startswith("_"))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import hmac
 import os
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 import orjson
 from quart import Response, request
@@ -47,29 +47,43 @@ def admin_key() -> str | None:
     return os.environ.get(ADMIN_KEY_ENV) or None
 
 
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header, or None."""
+    scheme, _, token = headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        return None
+    return token
+
+
 def require_admin(view: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Guard a quart view: 403 when admin is disabled, 401 for a missing or wrong key."""
 
     @functools.wraps(view)
     async def guarded(*args: Any, **kwargs: Any) -> Any:
-        key = admin_key()
-        if key is None:
-            raise APIError(
-                f"Admin routes are disabled: set {ADMIN_KEY_ENV} to enable them.",
-                status=403,
-                type="permission_error",
-                code="admin_disabled",
-            )
-        given = request.headers.get("Authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            raise APIError(
-                "A valid admin key is required (Authorization: Bearer <key>).",
-                status=401,
-                type="authentication_error",
-                code="invalid_admin_key",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
+        check_admin()
         return await view(*args, **kwargs)
 
     return guarded
+
+
+def check_admin() -> None:
+    """Raise unless the request carries the admin key: 403 when admin is
+    disabled, 401 for a missing or wrong key."""
+    key = admin_key()
+    if key is None:
+        raise APIError(
+            f"Admin routes are disabled: set {ADMIN_KEY_ENV} to enable them.",
+            status=403,
+            type="permission_error",
+            code="admin_disabled",
+        )
+    token = bearer_token(request.headers)
+    if token is None or not hmac.compare_digest(token.encode(), key.encode()):
+        raise APIError(
+            "A valid admin key is required (Authorization: Bearer <key>).",
+            status=401,
+            type="authentication_error",
+            code="invalid_admin_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

@@ -17,6 +17,7 @@ from typing import Any
 from streamvisor.config.errors import ConfigError
 from streamvisor.config.validators import at_least_one, not_negative, positive
 from streamvisor.core import httpclient
+from streamvisor.core.auth import ADMIN, ANONYMOUS, Admission, Principal, current_principal
 from streamvisor.core.chat import ChatRequest, Delta, Usage, message_text
 from streamvisor.core.errors import (
     APIError,
@@ -36,8 +37,8 @@ from streamvisor.core.metrics import Labelled
 from streamvisor.core.providers import ModelInfo, Provider, ProviderRegistry, Route
 from streamvisor.core.sessions import LIVE_STATES, Session, SessionRegistry, unwrap
 from streamvisor.core.sse import SSEBoundError, SSEDecoder
-from streamvisor.core.store import INTERRUPTED, SessionQuery, SessionStore, StoredSession, UsageRow
-from streamvisor.core.web import ADMIN_KEY_ENV, admin_key, json_response, read_json, require_admin
+from streamvisor.core.store import INTERRUPTED, RecordStore, SessionQuery, SessionStore, StoredSession, UsageRow
+from streamvisor.core.web import ADMIN_KEY_ENV, admin_key, bearer_token, check_admin, json_response, read_json, require_admin
 
 from .manager import BUILTIN_PLUGINS, DEFAULT_STACK, ENTRY_POINT_GROUP, LoadedPlugin, PluginHost  # noqa: F401 (the host's, for the CLI and tests)
 from .markers import CONTRACT_VERSION, StreamvisorDeprecationWarning, hookimpl, hookspec, listens_to
@@ -78,6 +79,15 @@ __all__ = [
     "UsageRow",
     "INTERRUPTED",
     "LIVE_STATES",
+    # who asks, and what it costs (contract 1.2)
+    "RecordStore",
+    "Principal",
+    "Admission",
+    "ANONYMOUS",
+    "ADMIN",
+    "current_principal",
+    "bearer_token",
+    "check_admin",
     # errors
     "APIError",
     "InvalidRequest",

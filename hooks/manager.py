@@ -38,6 +38,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "cache": "streamvisor.plugins.cache:CachePlugin",
     "retry": "streamvisor.plugins.retry:RetryPlugin",
     "pricing": "streamvisor.plugins.pricing:PricingPlugin",
+    "keys": "streamvisor.plugins.keys:KeysPlugin",
     "store": "streamvisor.plugins.store:StorePlugin",
     "usage": "streamvisor.plugins.usage:UsagePlugin",
     "monitor": "streamvisor.plugins.monitor:MonitorPlugin",

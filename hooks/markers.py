@@ -16,7 +16,7 @@ import warnings
 import pluggy
 
 PROJECT = "streamvisor"
-CONTRACT_VERSION = "1.1"
+CONTRACT_VERSION = "1.2"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)

@@ -129,6 +129,47 @@ def register_store(register, runtime):
 
 
 @hookspec
+def register_authenticators(register, runtime):
+    """Authenticate the requests of `/v1` routes (contract 1.2).
+
+    :param register: call ``register(authenticate)`` where ``authenticate(headers,
+        path)`` (sync or async) returns a `Principal` for a credential it
+        accepts, None for a request it has nothing to say about, or raises an
+        `APIError` (a 401) for a credential it refuses. With at least one
+        authenticator, a `/v1` request needs a principal from one of them (or
+        the admin key); without any, every caller is `ANONYMOUS`.
+    """
+
+
+@hookspec
+def register_gates(register, runtime):
+    """Admit or refuse a chat request before its session exists (contract 1.2).
+
+    :param register: call ``register(gate)`` where ``gate(request, principal)``
+        (sync or async) raises an `APIError` to refuse, or returns None or an
+        `Admission` (headers for the response, and a ``release`` called when the
+        session is not started after all). ``request`` is the `ChatRequest`
+        with its `session_id`, `identity` and `team` already set. Gates run in
+        plugins.toml order; the terminal event of the session is where a gate
+        settles what it reserved.
+    """
+
+
+@hookspec
+def register_pricing(register, runtime):
+    """Price sessions (contract 1.2).
+
+    :param register: call ``register(price)`` where ``price(model, usage,
+        session)`` returns the cost in US dollars of `usage` on the model the
+        client named (`session` is None for an estimate before a session
+        exists), or None when it has no price for the model. It is synchronous
+        and quick: it runs as a session ends, and its answer becomes
+        ``usage.cost_usd`` in the session, its terminal event, its usage chunk
+        and the ledger. `runtime.price()` asks the registered functions in order.
+    """
+
+
+@hookspec
 def register_status_panels(register, runtime):
     """Publish a status panel: what this plugin shows about itself to operators
     and to other plugins (the admin plugin's /admin/status shows every panel).

@@ -135,10 +135,14 @@ def _usage(data: Any) -> Usage:
     details = data.get("completion_tokens_details") or {}
     if not isinstance(details, dict):
         raise TypeError("usage.completion_tokens_details is not an object")
+    prompt_details = data.get("prompt_tokens_details") or {}
+    if not isinstance(prompt_details, dict):
+        raise TypeError("usage.prompt_tokens_details is not an object")
     return Usage(
         prompt_tokens=_count(data.get("prompt_tokens")),
         completion_tokens=_count(data.get("completion_tokens")),
         reasoning_tokens=_count(details.get("reasoning_tokens")),
+        cached_tokens=_count(prompt_details.get("cached_tokens")),
     )
 
 

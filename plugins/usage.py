@@ -99,6 +99,8 @@ class UsageRecord:
     cost_usd: float | None = None
     #: Prompt tokens the provider served from its prompt cache.
     cached_tokens: int = 0
+    #: The API key the session was made with, or None.
+    key_id: str | None = None
 
     @property
     def key(self) -> Key:
@@ -131,6 +133,7 @@ class UsageRecord:
             team=event.team,
             cost_usd=usage.cost_usd,
             cached_tokens=usage.cached_tokens,
+            key_id=event.key_id,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -141,6 +144,7 @@ class UsageRecord:
             "provider": self.provider,
             "identity": self.identity,
             "team": self.team,
+            "key_id": self.key_id,
             "outcome": self.outcome,
             "finished_at": round(self.finished_at, 3),
             "prompt_tokens": self.prompt_tokens,
@@ -554,6 +558,7 @@ SESSIONS_OPENAPI = {
                                         "provider": {"type": "string"},
                                         "identity": {"type": "string"},
                                         "team": {"type": ["string", "null"]},
+                                        "key_id": {"type": ["string", "null"]},
                                         "outcome": {"enum": [*OUTCOMES, "interrupted"], "description": "interrupted: recovered by the store after a crash"},
                                         "finished_at": {"type": "number"},
                                         "prompt_tokens": {"type": "integer"},

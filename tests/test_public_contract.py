@@ -43,6 +43,8 @@ RUNTIME_PUBLIC = {
     "open_session",
     "routes",
     "store",
+    "authenticates",
+    "price",
 }
 
 

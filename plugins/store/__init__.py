@@ -32,7 +32,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Callable
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable
 
 import attrs
 import orjson
@@ -492,6 +493,7 @@ class StorePlugin:
             session.team,
             None if usage is None else usage.cost_usd,
             None if usage is None else usage.cached_tokens,
+            session.key_id,
         )
 
     @staticmethod
@@ -503,7 +505,7 @@ class StorePlugin:
         return (
             event.session_id, event.request_id, event.model, event.provider, event.identity, event.type, event.at,
             usage.prompt_tokens, usage.completion_tokens, usage.reasoning_tokens, outcome.duration_ms, outcome.first_token_ms, int(usage.exact),
-            event.team, usage.cost_usd, usage.cached_tokens,
+            event.team, usage.cost_usd, usage.cached_tokens, event.key_id,
         )
 
     # -- writing ------------------------------------------------------------------------------
@@ -758,4 +760,28 @@ class StorePlugin:
             status["applied_now"] = applied
             return status
         finally:
+            db.close()
+
+    @asynccontextmanager
+    async def offline_store(self, config_source: str) -> AsyncIterator["Store"]:
+        """The store's read and record methods outside any server (the CLI of
+        another plugin, `streamvisor keys`): the database opened and migrated,
+        with no writer, no recovery and no purge."""
+        target = parse_url(self.settings.url, config_source)
+        db = Database(target, pool_size=1, timeout=self.settings.connect_timeout, statement_timeout=self.settings.statement_timeout)
+
+        def prepare() -> None:
+            db.open()
+            db.migrate()
+
+        try:
+            await trio.to_thread.run_sync(prepare)
+        except BaseException:
+            db.close()
+            raise
+        self.db = db
+        try:
+            yield self.store
+        finally:
+            self.db = None
             db.close()

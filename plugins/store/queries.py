@@ -54,7 +54,7 @@ ROW_COLUMNS = (
     "id", "request_id", "identity", "model", "provider", "state", "owner", "background", "include_usage", "created_at", "updated_at",
     "finished_at", "started_ms", "first_token_ms", "duration_ms", "finish_reason", "error", "chunk_count", "output_chars",
     "prompt_estimate", "prompt_tokens", "completion_tokens", "reasoning_tokens", "usage_exact", "transcript", "request",
-    "team", "cost_usd", "cached_tokens",
+    "team", "cost_usd", "cached_tokens", "key_id",
 )
 #: What an upsert changes of a stored row: a state already final stays (a late
 #: snapshot never revives a session), the request only when given.
@@ -71,7 +71,7 @@ _ROW_UPDATE = ", ".join(
 #: The columns of a usage record, in the order of the plugin's tuples.
 USAGE_COLUMNS = (
     "session_id", "request_id", "model", "provider", "identity", "outcome", "finished_at", "prompt_tokens", "completion_tokens",
-    "reasoning_tokens", "duration_ms", "first_token_ms", "exact", "team", "cost_usd", "cached_tokens",
+    "reasoning_tokens", "duration_ms", "first_token_ms", "exact", "team", "cost_usd", "cached_tokens", "key_id",
 )
 #: SQLite: rows per multi-row statement, largest first. A batch is written in
 #: groups of these sizes, so each table has three statement texts, prepared
@@ -135,9 +135,9 @@ def recover(conn: Conn, owner: str) -> list[str]:
         )
         conn.execute(
             "INSERT INTO usage_records (session_id, request_id, model, provider, identity, outcome, finished_at, prompt_tokens, completion_tokens,"
-            " reasoning_tokens, duration_ms, first_token_ms, exact, team, cost_usd, cached_tokens) SELECT id, request_id, model, provider, identity,"
-            " 'interrupted', finished_at, prompt_tokens, completion_tokens, reasoning_tokens, duration_ms, first_token_ms, 0, team, cost_usd,"
-            " cached_tokens FROM sessions WHERE id = ?"
+            " reasoning_tokens, duration_ms, first_token_ms, exact, team, cost_usd, cached_tokens, key_id) SELECT id, request_id, model, provider,"
+            " identity, 'interrupted', finished_at, prompt_tokens, completion_tokens, reasoning_tokens, duration_ms, first_token_ms, 0, team,"
+            " cost_usd, cached_tokens, key_id FROM sessions WHERE id = ?"
             " ON CONFLICT (session_id) DO NOTHING",
             (session_id,),
         )
@@ -149,7 +149,7 @@ def recover(conn: Conn, owner: str) -> list[str]:
 _SESSION_COLUMNS = (
     "id, request_id, identity, model, provider, state, created_at, finish_reason, error, chunk_count, started_ms, first_token_ms,"
     " duration_ms, prompt_tokens, completion_tokens, reasoning_tokens, usage_exact, background, include_usage, transcript, updated_at,"
-    " team, cost_usd, cached_tokens"
+    " team, cost_usd, cached_tokens, key_id"
 )
 
 
@@ -157,7 +157,7 @@ def _stored(row: Sequence[Any]) -> StoredSession:
     (
         session_id, request_id, identity, model, provider, state, created_at, finish_reason, error, chunk_count, started_ms,
         first_token_ms, duration_ms, prompt_tokens, completion_tokens, reasoning_tokens, usage_exact, background, include_usage,
-        transcript, updated_at, team, cost_usd, cached_tokens,
+        transcript, updated_at, team, cost_usd, cached_tokens, key_id,
     ) = row
     usage = None
     if prompt_tokens is not None or completion_tokens is not None:
@@ -193,6 +193,7 @@ def _stored(row: Sequence[Any]) -> StoredSession:
         include_usage=bool(include_usage),
         transcript=transcript,
         team=team,
+        key_id=key_id,
     )
 
 
@@ -310,12 +311,13 @@ def usage_records(
     clause, params = _usage_where(model, provider, identity, since, until, team)
     rows = conn.all(
         "SELECT session_id, request_id, model, provider, identity, outcome, finished_at, prompt_tokens, completion_tokens, reasoning_tokens,"
-        f" duration_ms, first_token_ms, exact, team, cost_usd, cached_tokens FROM usage_records{clause} ORDER BY finished_at DESC LIMIT ?",
+        f" duration_ms, first_token_ms, exact, team, cost_usd, cached_tokens, key_id FROM usage_records{clause} ORDER BY finished_at DESC LIMIT ?",
         (*params, limit),
     )
     return [
         {
-            "session_id": r[0], "request_id": r[1], "model": r[2], "provider": r[3], "identity": r[4], "team": r[13], "outcome": r[5],
+            "session_id": r[0], "request_id": r[1], "model": r[2], "provider": r[3], "identity": r[4], "team": r[13], "key_id": r[16],
+            "outcome": r[5],
             "finished_at": round(float(r[6]), 3), "prompt_tokens": int(r[7]), "completion_tokens": int(r[8]), "reasoning_tokens": int(r[9]),
             "cached_tokens": int(r[15] or 0), "total_tokens": int(r[7]) + int(r[8]), "cost_usd": None if r[14] is None else float(r[14]),
             "duration_ms": float(r[10]), "first_token_ms": r[11], "exact": bool(r[12]),

@@ -87,7 +87,7 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             *(
                 f"ALTER TABLE {table} ADD COLUMN {column}"
                 for table in ("sessions", "usage_records")
-                for column in ("team TEXT", "cost_usd DOUBLE PRECISION", "cached_tokens BIGINT")
+                for column in ("team TEXT", "key_id TEXT", "cost_usd DOUBLE PRECISION", "cached_tokens BIGINT")
             ),
             # A team admin's usage: its team's records in a window.
             "CREATE INDEX usage_team ON usage_records (team, finished_at)",
