@@ -51,6 +51,11 @@ delay = 0.01
 [[plugins.scripted.models]]
 name = "echo"
 echo = true
+
+[[plugins.scripted.models]]
+name = "breaks"
+text = "one two three four five six seven eight"
+fail_after = 5
 """
 
 
@@ -69,6 +74,9 @@ def keys_toml(store: str, keys: str = "", extra: str = "") -> str:
 input = {FOX_INPUT}
 output = {FOX_OUTPUT}
 [plugins.pricing.prices.slow]
+input = {FOX_INPUT}
+output = {FOX_OUTPUT}
+[plugins.pricing.prices.breaks]
 input = {FOX_INPUT}
 output = {FOX_OUTPUT}
 
@@ -93,6 +101,18 @@ def keyed_server(tmp_path: Path, keys: str = "", extra: str = "") -> Iterator[Se
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[ServerThread]:
     with keyed_server(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture(params=["memory", "redis"])
+def limited(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ServerThread]:
+    """A server whose limits are held in memory, or in Redis (the same Lua
+    scripts several instances share)."""
+    keys = ""
+    if request.param == "redis":
+        request.getfixturevalue("redis")
+        keys = f'redis_url = "{REDIS}"\nkey_prefix = "test-keys-{uuid.uuid4().hex[:8]}:"'
+    with keyed_server(tmp_path, keys) as server:
         yield server
 
 
@@ -216,65 +236,65 @@ def test_admin_api_refuses_bad_fields_and_needs_the_admin_key(server):
 # -- limits --------------------------------------------------------------------------------
 
 
-def test_rpm_limit_refuses_with_429_and_the_openai_rate_limit_headers(server):
-    _, secret = create_key(server.url, rpm_limit=3)
+def test_rpm_limit_refuses_with_429_and_the_openai_rate_limit_headers(limited):
+    _, secret = create_key(limited.url, rpm_limit=3)
     remaining = []
     for _ in range(3):
-        r = chat(secret, server.url)
+        r = chat(secret, limited.url)
         assert r.status_code == 200
         assert r.headers["x-ratelimit-limit-requests"] == "3"
         assert r.headers["x-ratelimit-reset-requests"].endswith("s")
         remaining.append(r.headers["x-ratelimit-remaining-requests"])
     assert remaining == ["2", "1", "0"]
     with pytest.raises(openai.RateLimitError) as caught:
-        client(server, secret).chat.completions.create(model="fox", messages=[{"role": "user", "content": "hi"}])
+        client(limited, secret).chat.completions.create(model="fox", messages=[{"role": "user", "content": "hi"}])
     assert caught.value.code == "rate_limit_exceeded"
     assert 1 <= int(caught.value.response.headers["Retry-After"]) <= 60
     assert caught.value.response.headers["x-ratelimit-remaining-requests"] == "0"
     assert "requests per minute" in caught.value.message
 
 
-def test_tokens_are_reserved_up_front_and_given_back_when_the_answer_is_short(server):
+def test_tokens_are_reserved_up_front_and_given_back_when_the_answer_is_short(limited):
     # A reservation is the prompt estimate (1) plus max_tokens (60): with a
     # limit of 100 a second request passes only because the first one was
     # settled at its real size (1 + 10 tokens), not its reservation.
-    _, secret = create_key(server.url, tpm_limit=100)
-    first = chat(secret, server.url, max_tokens=60)
+    _, secret = create_key(limited.url, tpm_limit=100)
+    first = chat(secret, limited.url, max_tokens=60)
     assert first.status_code == 200
     assert first.headers["x-ratelimit-limit-tokens"] == "100"
     assert first.headers["x-ratelimit-remaining-tokens"] == "39"
-    second = chat(secret, server.url, max_tokens=60)
+    second = chat(secret, limited.url, max_tokens=60)
     assert second.status_code == 200, second.text
     # Now about 22 used and 61 more reserved: a third reservation does not fit.
-    third = chat(secret, server.url, max_tokens=90)
+    third = chat(secret, limited.url, max_tokens=90)
     assert third.status_code == 429 and third.json()["error"]["code"] == "rate_limit_exceeded"
     assert "tokens per minute" in third.json()["error"]["message"]
 
 
-def test_concurrent_streams_are_limited_and_a_stopped_one_frees_its_place(server):
-    _, secret = create_key(server.url, max_concurrent_streams=1)
-    ok = client(server, secret)
+def test_concurrent_streams_are_limited_and_a_stopped_one_frees_its_place(limited):
+    _, secret = create_key(limited.url, max_concurrent_streams=1)
+    ok = client(limited, secret)
     stream = ok.chat.completions.create(model="slow", messages=[{"role": "user", "content": "hi"}], stream=True)
     next(iter(stream))
     with pytest.raises(openai.RateLimitError) as caught:
         ok.chat.completions.create(model="fox", messages=[{"role": "user", "content": "hi"}])
     assert "concurrent streams" in caught.value.message
     stream.close()
-    server.wait_for(lambda: server.runtime.sessions.live_count == 0)
+    limited.wait_for(lambda: limited.runtime.sessions.live_count == 0)
     deadline = time.monotonic() + 5
-    while chat(secret, server.url).status_code == 429:
+    while chat(secret, limited.url).status_code == 429:
         assert time.monotonic() < deadline, "the disconnected stream kept its lease"
         time.sleep(0.02)
 
 
-def test_a_team_limit_applies_to_every_key_of_the_team(server):
-    r = httpx.put(f"{server.url}/admin/teams/eng", json={"rpm_limit": 2}, headers=ADMIN)
+def test_a_team_limit_applies_to_every_key_of_the_team(limited):
+    r = httpx.put(f"{limited.url}/admin/teams/eng", json={"rpm_limit": 2}, headers=ADMIN)
     assert r.status_code == 201
-    _, one = create_key(server.url, identity="alice", team="eng")
-    _, two = create_key(server.url, identity="bob", team="eng", rpm_limit=100)
-    assert chat(one, server.url).status_code == 200
-    assert chat(two, server.url).status_code == 200
-    refused = chat(two, server.url)
+    _, one = create_key(limited.url, identity="alice", team="eng")
+    _, two = create_key(limited.url, identity="bob", team="eng", rpm_limit=100)
+    assert chat(one, limited.url).status_code == 200
+    assert chat(two, limited.url).status_code == 200
+    refused = chat(two, limited.url)
     assert refused.status_code == 429 and "team 'eng'" in refused.json()["error"]["message"]
 
 
@@ -312,6 +332,42 @@ def test_a_stream_disconnected_midway_is_charged_its_partial_tokens_at_the_price
     assert body["usage"]["cost_usd"] == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("how", ["stopped", "failed"])
+def test_a_stopped_or_failed_stream_is_charged_what_it_produced_and_gives_back_its_reservation(limited, how):
+    key_id, secret = create_key(limited.url, max_budget_usd=100.0, max_concurrent_streams=5)
+    auth = {"Authorization": f"Bearer {secret}"}
+    if how == "stopped":
+        session_id = chat(secret, limited.url, model="slow", background=True).json()["id"]
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{limited.url}/v1/sessions/{session_id}", headers=auth).json()["chunks"] < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        stopped = httpx.post(f"{limited.url}/v1/sessions/{session_id}/stop", headers=auth).json()
+        assert stopped["stopped"] is True and stopped["state"] == "stopped"
+    else:
+        with pytest.raises(openai.APIError):
+            for _ in client(limited, secret).chat.completions.create(model="breaks", messages=[{"role": "user", "content": "hi"}], stream=True):
+                pass
+    limited.wait_for(lambda: limited.runtime.sessions.live_count == 0)
+    session = next(iter(limited.runtime.sessions))
+    assert session.state == how
+    usage = session.usage
+    assert usage.completion_tokens >= 5
+    expected = fox_cost(usage.prompt_tokens, usage.completion_tokens)
+    deadline = time.monotonic() + 5
+    while True:
+        shown = httpx.get(f"{limited.url}/admin/keys/{key_id}", headers=ADMIN).json()
+        if shown["spend"]["cost_usd"]["total"] == pytest.approx(expected) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert shown["spend"]["cost_usd"]["total"] == pytest.approx(expected)
+    assert shown["budget"]["spent_usd"] == pytest.approx(expected)
+    # The lease and the reservation (4096 default tokens' worth) were given back:
+    # five more streams fit under max_concurrent_streams = 5.
+    for _ in range(5):
+        assert chat(secret, limited.url, model="slow", background=True).status_code == 202
+
+
 def test_a_stream_carries_its_cost_in_the_usage_chunk(server):
     _, secret = create_key(server.url)
     chunks = list(
@@ -323,20 +379,20 @@ def test_a_stream_carries_its_cost_in_the_usage_chunk(server):
     assert usage.model_extra["cost_usd"] == pytest.approx(fox_cost(usage.prompt_tokens, usage.completion_tokens))
 
 
-def test_a_budget_stops_the_key_after_the_request_that_spent_it(server):
-    key_id, secret = create_key(server.url, max_budget_usd=0.001, budget_period="month")
-    ok = client(server, secret)
+def test_a_budget_stops_the_key_after_the_request_that_spent_it(limited):
+    key_id, secret = create_key(limited.url, max_budget_usd=0.001, budget_period="month")
+    ok = client(limited, secret)
     first = ok.chat.completions.create(model="fox", messages=[{"role": "user", "content": "hi"}], max_tokens=20)
     assert first.usage.completion_tokens * FOX_OUTPUT / 1e6 > 0.001  # this one spent it
     with pytest.raises(openai.RateLimitError) as caught:
         ok.chat.completions.create(model="fox", messages=[{"role": "user", "content": "hi"}], max_tokens=20)
     assert caught.value.code == "insufficient_quota"
     assert "budget" in caught.value.message
-    shown = httpx.get(f"{server.url}/admin/keys/{key_id}", headers=ADMIN).json()
+    shown = httpx.get(f"{limited.url}/admin/keys/{key_id}", headers=ADMIN).json()
     assert shown["budget"]["remaining_usd"] == 0 and shown["budget"]["spent_usd"] > 0.001
     # Raising the budget lets it through again.
-    httpx.patch(f"{server.url}/admin/keys/{key_id}", json={"max_budget_usd": 1.0}, headers=ADMIN).raise_for_status()
-    assert chat(secret, server.url).status_code == 200
+    httpx.patch(f"{limited.url}/admin/keys/{key_id}", json={"max_budget_usd": 1.0}, headers=ADMIN).raise_for_status()
+    assert chat(secret, limited.url).status_code == 200
 
 
 # -- privacy -------------------------------------------------------------------------------
