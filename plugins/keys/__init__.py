@@ -194,7 +194,7 @@ class KeysPlugin:
         self._floors: dict[tuple[str, str], tuple[float, float]] = {}
         self._redis_down_since: float | None = None
         self._redis_error = ""
-        self._connected = trio.Event()
+        #: Spend the store would not take at shutdown (the panel shows it).
         self.unflushed_lost = 0.0
         #: Interrupted sessions this process has seen charged.
         self._charged: set[str] = set()
@@ -622,7 +622,6 @@ class KeysPlugin:
                 )
                 async with client:
                     self.limiter.client = client
-                    self._connected.set()
                     try:
                         await trio.sleep_forever()
                     finally:
@@ -667,6 +666,7 @@ class KeysPlugin:
             "cached_keys": len(self._cache),
             "admitted_live": len(self._pending),
             "unflushed_counters": len(self._unflushed),
+            "spend_lost_usd": self.unflushed_lost,
         }
 
     # -- the admin API -------------------------------------------------------------------
