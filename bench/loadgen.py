@@ -10,7 +10,8 @@ document (to `--out`, or stdout):
   `data:`; for a non-streamed answer, the first body bytes) of each of them.
   Samples, at the window's edges, its own CPU time, that of the processes under
   test (`--watch NAME=PID`) and the whole machine's, to show who was busy and
-  whether anything else was.
+  whether anything else was, and counts the status of every answer (warm-up
+  included).
 - `streams`: N streams at once (the memory scenario); new streams are started
   while fewer than `--ramp` are waiting for their first chunk, so the server's
   accept queue never overflows. Reports how many completed whole.
@@ -18,6 +19,9 @@ document (to `--out`, or stdout):
   events; reports, per stream, its tag (sent as the request's `user`) and the
   `time.monotonic()` of the close, for the harness to match with the upstream's
   record of when its connection closed.
+
+Every mode takes `--header 'NAME: VALUE'` (repeatable; e.g. an API key), put
+into the request bytes, which are built once.
 
 The client parses just enough HTTP/1.1: a status line, Content-Length or chunked
 transfer encoding, `Connection: close`. Run `python -m bench.loadgen --help`.
@@ -32,7 +36,7 @@ import random
 import resource
 import sys
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from .report import summary
 from .system import cpu_seconds, raise_fd_limit, system_busy_seconds
@@ -43,16 +47,19 @@ now = time.monotonic
 MESSAGES = [{"role": "user", "content": "Count from one to fifty."}]
 
 
-def request_bytes(host: str, port: int, path: str, model: str, stream: bool, tag: str | None = None) -> bytes:
+def request_bytes(host: str, port: int, path: str, model: str, stream: bool, tag: str | None = None, headers: Sequence[str] = ()) -> bytes:
+    """One request, whole: built once per run (or per stream), never per write.
+    `headers` are extra `Name: value` lines (e.g. an Authorization header)."""
     body: dict[str, Any] = {"model": model, "messages": MESSAGES, "stream": stream}
     if stream:
         body["stream_options"] = {"include_usage": True}
     if tag is not None:
         body["user"] = tag
     data = json.dumps(body, separators=(",", ":")).encode()
+    extra = "".join(f"{header.strip()}\r\n" for header in headers)
     return (
         f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
-        f"Accept: text/event-stream\r\nContent-Length: {len(data)}\r\n\r\n"
+        f"Accept: text/event-stream\r\n{extra}Content-Length: {len(data)}\r\n\r\n"
     ).encode() + data
 
 
@@ -249,7 +256,7 @@ def _cpu_sample(pids: dict[str, int]) -> dict[str, float]:
 
 async def throughput(args: argparse.Namespace) -> dict[str, Any]:
     stream = not args.non_stream
-    data = request_bytes(args.host, args.port, args.path, args.model, stream)
+    data = request_bytes(args.host, args.port, args.path, args.model, stream, headers=args.header)
     t_start = now()
     window_start = t_start + args.warmup
     window_end = window_start + args.duration
@@ -258,6 +265,8 @@ async def throughput(args: argparse.Namespace) -> dict[str, Any]:
     errors: list[str] = []
     events: list[int] = []
     writes: list[int] = []
+    #: The status of every answer, warm-up included (0: no status line came).
+    statuses: dict[int, int] = {}
     ramp = asyncio.Semaphore(args.ramp)
     watch = dict(w.split("=", 1) for w in args.watch)
     pids = {name: int(pid) for name, pid in watch.items()}
@@ -295,6 +304,7 @@ async def throughput(args: argparse.Namespace) -> dict[str, Any]:
                 client = None
                 continue
             t1 = result.t_end or now()
+            statuses[result.status] = statuses.get(result.status, 0) + 1
             if window_start <= t1 <= window_end:
                 if result.error is not None:
                     errors.append(result.error)
@@ -334,6 +344,7 @@ async def throughput(args: argparse.Namespace) -> dict[str, Any]:
         "latency_ms": summary(latencies),
         "ttfc_ms": summary(ttfcs),
         "events_per_response": {"min": min(events, default=0), "max": max(events, default=0)},
+        "statuses": {str(code): n for code, n in sorted(statuses.items())},
         # For chunked responses: how many body writes the server made per response.
         "http_chunks_per_response": summary(writes, digits=1),
         "cpu": cpu_share,
@@ -342,7 +353,7 @@ async def throughput(args: argparse.Namespace) -> dict[str, Any]:
 
 async def streams(args: argparse.Namespace) -> dict[str, Any]:
     """N streams at once; at most `ramp` of them waiting for their first chunk."""
-    data = request_bytes(args.host, args.port, args.path, args.model, True)
+    data = request_bytes(args.host, args.port, args.path, args.model, True, headers=args.header)
     waiting = asyncio.Semaphore(args.ramp)
     t_start = now()
     deadline = t_start + args.timeout
@@ -411,7 +422,7 @@ async def cancel(args: argparse.Namespace) -> dict[str, Any]:
     async def worker() -> None:
         while queue:
             tag, events = queue.pop()
-            data = request_bytes(args.host, args.port, args.path, args.model, True, tag=tag)
+            data = request_bytes(args.host, args.port, args.path, args.model, True, tag=tag, headers=args.header)
             try:
                 client = await connect(args.host, args.port)
             except OSError as exc:
@@ -453,6 +464,7 @@ def parser() -> argparse.ArgumentParser:
         sub.add_argument("--model", default="bench")
         sub.add_argument("--timeout", type=float, default=30.0, help="seconds one request may take (streams: the whole run)")
         sub.add_argument("--out", help="write the JSON result here (default: stdout)")
+        sub.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'", help="an extra request header (repeatable), e.g. 'Authorization: Bearer sk-...'")
 
     t = modes.add_parser("throughput", help="closed loop at a fixed concurrency")
     common(t)

@@ -86,7 +86,7 @@ class Bench:
 
     # -- throughput ---------------------------------------------------------------------
 
-    def load(self, port: int, concurrency: int, *, stream: bool = True, watch: dict[str, int] | None = None) -> dict[str, Any]:
+    def load(self, port: int, concurrency: int, *, stream: bool = True, watch: dict[str, int] | None = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
         o = self.o
         args = [
             "--port", str(port),
@@ -98,6 +98,8 @@ class Bench:
             args.append("--non-stream")
         for name, pid in (watch or {}).items():
             args += ["--watch", f"{name}={pid}"]
+        for name, value in (headers or {}).items():
+            args += ["--header", f"{name}: {value}"]
         return servers.run_loadgen(self.workdir, "throughput", args, timeout=o["warmup"] + o["duration"] + 120)
 
     def throughput(self, name: str, round_label: str = "") -> dict[str, Any]:

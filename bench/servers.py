@@ -98,11 +98,11 @@ class Proc:
 # -- HTTP to our own processes (small control requests, not load) -----------------
 
 
-def http_json(port: int, method: str, path: str, body: Any = None, timeout: float = 10.0) -> Any:
+def http_json(port: int, method: str, path: str, body: Any = None, timeout: float = 10.0, headers: dict[str, str] | None = None) -> Any:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json", "Connection": "close"} if data else {"Connection": "close"}
+        headers = {**({"Content-Type": "application/json", "Connection": "close"} if data else {"Connection": "close"}), **(headers or {})}
         conn.request(method, path, body=data, headers=headers)
         response = conn.getresponse()
         payload = response.read()
@@ -216,9 +216,12 @@ def gateway_config(
     return "\n".join(parts)
 
 
-def start_streamvisor(workdir: Path, config_text: str, name: str = "streamvisor", timeout: float = START_TIMEOUT) -> Proc:
+def start_streamvisor(
+    workdir: Path, config_text: str, name: str = "streamvisor", timeout: float = START_TIMEOUT, ready_headers: dict[str, str] | None = None
+) -> Proc:
     """`streamvisor serve --config <generated> --port <free port>`, ready once it
-    answers GET /v1/models (at log level warning it prints no `listening on` line)."""
+    answers GET /v1/models (at log level warning it prints no `listening on`
+    line), sent with `ready_headers` (an API key, when /v1 needs one)."""
     config = workdir / f"{name}.toml"
     config.write_text(config_text)
     for attempt in range(3):
@@ -228,7 +231,7 @@ def start_streamvisor(workdir: Path, config_text: str, name: str = "streamvisor"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.alive():
             try:
-                http_json(port, "GET", "/v1/models", timeout=2)
+                http_json(port, "GET", "/v1/models", timeout=2, headers=ready_headers)
                 return proc
             except (OSError, RuntimeError, http.client.HTTPException):
                 time.sleep(0.05)
