@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import attrs
+from quart import g, has_request_context
 
 #: The roles of a principal: the admin key sees everything, a team admin its
 #: team's sessions and usage, a member its own; anonymous is the caller when no
@@ -82,8 +83,6 @@ class Admission:
 def current_principal() -> Principal:
     """The principal of the request being handled: what a route of a plugin
     calls. `ANONYMOUS` outside a request, or when nothing authenticates."""
-    from quart import g, has_request_context
-
     if not has_request_context():
         return ANONYMOUS
     return getattr(g, "principal", ANONYMOUS)

@@ -558,6 +558,25 @@ def test_a_revoked_key_is_refused_on_the_next_request_on_every_instance(redis, t
             assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {secret}"}).status_code == 401
 
 
+def test_limits_survive_redis_forgetting_its_scripts_and_a_wrong_password_is_reported(redis, tmp_path):
+    prefix = f"test-keys-{uuid.uuid4().hex[:8]}:"
+    with keyed_server(tmp_path, f'redis_url = "{REDIS}"\nkey_prefix = "{prefix}"') as server:
+        _, secret = create_key(server.url, rpm_limit=10)
+        assert chat(secret, server.url).headers["x-ratelimit-remaining-requests"] == "9"
+        with closing(socket.create_connection(("127.0.0.1", 6379), timeout=2)) as sock:
+            sock.sendall(b"SCRIPT FLUSH\r\n")
+            assert sock.recv(16).startswith(b"+OK")  # as after a Redis restart
+        assert chat(secret, server.url).headers["x-ratelimit-remaining-requests"] == "8"
+    folder = tmp_path / "wrong"
+    folder.mkdir()
+    with keyed_server(folder, f'redis_url = "redis://:not-the-password@127.0.0.1:6379/0"\nkey_prefix = "{prefix}"', extra="[plugins.health]") as server:
+        _, secret = create_key(server.url, rpm_limit=10)
+        refused = chat(secret, server.url)
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "limits_unavailable"
+        check = next(c for c in httpx.get(f"{server.url}/health/ready").json()["checks"] if c["name"] == "keys:limits")
+        assert check["ok"] is False and "refused the connection" in check["detail"]["redis"]
+
+
 def test_when_redis_is_down_closed_refuses_and_open_admits_and_readiness_says_so(tmp_path):
     down = f"redis://127.0.0.1:{closed_port()}/0"
     for mode, expected in (("closed", 503), ("open", 200)):

@@ -56,7 +56,7 @@ from streamvisor.hooks import (
     require_admin,
 )
 
-from .limits import Decision, MemoryLimiter, RedisLimiter, Scope, Window, budget_ttl
+from .limits import Decision, MemoryLimiter, RedisLimiter, Scope, Settlement, Window, budget_ttl
 from .records import (
     KEY_FIELDS,
     KEY_KIND,
@@ -88,7 +88,6 @@ AMOUNTS = (("cost_usd", SPEND_KIND), ("tokens", "keys:tokens"), ("requests", "ke
 #: the database one read per secret per this many seconds).
 NEGATIVE_SECONDS = 1.0
 MAX_LISTED = 1000
-CLIENT_RESTART_DELAY = 1.0
 
 
 def _on_redis_error(instance: Any, attribute: Any, value: str) -> None:
@@ -184,7 +183,12 @@ class KeysPlugin:
         self.settings = settings
         self.runtime: Any = None
         self.store: Any = None
-        self.limiter: MemoryLimiter | RedisLimiter = RedisLimiter(settings.key_prefix, settings.lease_seconds) if settings.redis_url else MemoryLimiter()
+        self.limiter: MemoryLimiter | RedisLimiter = (
+            RedisLimiter(settings.redis_url, settings.key_prefix, settings.lease_seconds, settings.redis_timeout) if settings.redis_url else MemoryLimiter()
+        )
+        #: Redis: the sessions that ended, settled together by the `settler`.
+        self._to_settle: list[Settlement] = []
+        self._settle_wake = trio.Event()
         self._cache: dict[str, _Cached] = {}
         self._teams: dict[str, tuple[Team | None, float]] = {}
         self._pending: dict[str, _Pending] = {}
@@ -243,7 +247,7 @@ class KeysPlugin:
         register("spend", self.run_spend)
         register("interrupted", self.run_interrupted)
         if isinstance(self.limiter, RedisLimiter):
-            register("redis", self.run_redis)
+            register("settler", self.run_settler)
             register("leases", self.run_leases)
         else:
             register("windows", self.run_trim)
@@ -259,11 +263,16 @@ class KeysPlugin:
 
     @hookimpl
     @listens_to(*sorted(TERMINAL_TYPES))
-    async def on_event(self, event: Event) -> None:
-        await self.settle(event)
+    def on_event(self, event: Event) -> None:
+        self.settle(event)
 
     @hookimpl
     async def shutdown(self) -> None:
+        if isinstance(self.limiter, RedisLimiter):
+            # The terminal events were delivered before this hook: settle the
+            # last sessions now (the settler is cancelled after it).
+            await self.settle_queued()
+            await self.limiter.client.aclose()
         if not await self.flush():
             self.unflushed_lost += sum(v for (kind, _, period), v in self._unflushed.items() if kind == SPEND_KIND and period == "")
             log.error("keys: spend of %d counters could not be written to the store at shutdown", len(self._unflushed))
@@ -450,14 +459,14 @@ class KeysPlugin:
             headers=headers,
         )
 
-    async def _release(self, session_id: str) -> None:
+    def _release(self, session_id: str) -> None:
         pending = self._pending.pop(session_id, None)
         if pending is not None and pending.counted:
-            await self._settle_limits(pending, session_id, 0, 0.0)
+            self._settle_limits(pending, session_id, 0, 0.0)
 
     # -- settling ------------------------------------------------------------------------
 
-    async def settle(self, event: Event) -> None:
+    def settle(self, event: Event) -> None:
         pending = self._pending.pop(event.session_id, None)
         if pending is None:
             return
@@ -465,7 +474,7 @@ class KeysPlugin:
         cost = usage.cost_usd or 0.0
         self.metrics.settled.labels(event.type).inc()
         if pending.counted:
-            await self._settle_limits(pending, event.session_id, usage.total_tokens, cost)
+            self._settle_limits(pending, event.session_id, usage.total_tokens, cost)
         scope_ids = [f"key:{pending.key_id}"] + ([f"team:{pending.team}"] if pending.team else [])
         self._add_spend(scope_ids, time.time(), cost, usage.total_tokens)
 
@@ -480,11 +489,29 @@ class KeysPlugin:
                     slot = (kind, scope_id, period)
                     self._unflushed[slot] = self._unflushed.get(slot, 0.0) + amount
 
-    async def _settle_limits(self, pending: _Pending, session_id: str, tokens: int, cost: float) -> None:
+    def _settle_limits(self, pending: _Pending, session_id: str, tokens: int, cost: float) -> None:
         if isinstance(self.limiter, RedisLimiter):
-            await self._redis(self.limiter.settle(pending.scopes, session_id, pending.bucket, pending.tokens, tokens, cost), "settle", default=None, optional=True)
+            self._to_settle.append(Settlement(session_id, pending.scopes, pending.bucket, pending.tokens, tokens, cost))
+            self._settle_wake.set()
         else:
-            await self.limiter.settle(pending.scopes, session_id, pending.bucket, pending.tokens, tokens, cost)
+            self.limiter.settle(pending.scopes, session_id, pending.bucket, pending.tokens, tokens, cost)
+
+    async def settle_queued(self) -> None:
+        """Settle every session that ended since the last call, in script
+        calls of up to 500 sessions each."""
+        assert isinstance(self.limiter, RedisLimiter)
+        batch, self._to_settle = self._to_settle, []
+        for start in range(0, len(batch), 500):
+            await self._redis(self.limiter.settle_many(batch[start : start + 500]), "settle", default=None, optional=True)
+
+    async def run_settler(self) -> None:
+        """Redis: settle the sessions that ended, together. One round trip per
+        session fell behind at concurrency 32, and a session not yet settled
+        still holds its lease (a false 429 for the next request)."""
+        while True:
+            await self._settle_wake.wait()
+            self._settle_wake = trio.Event()
+            await self.settle_queued()
 
     async def flush(self) -> bool:
         """Add the spend counted since the last flush to the store."""
@@ -608,28 +635,6 @@ class KeysPlugin:
             self._redis_down_since = None
         return result
 
-    async def run_redis(self) -> None:
-        """Own the coredis client for the plugin's lifetime (its connections run
-        in a task group that must outlive every caller), and make a new one
-        after a failure."""
-        import coredis
-
-        assert isinstance(self.limiter, RedisLimiter)
-        while True:
-            try:
-                client = coredis.Redis.from_url(
-                    self.settings.redis_url, connect_timeout=self.settings.redis_timeout, stream_timeout=self.settings.redis_timeout
-                )
-                async with client:
-                    self.limiter.client = client
-                    try:
-                        await trio.sleep_forever()
-                    finally:
-                        self.limiter.client = None
-            except Exception:
-                log.exception("keys: the Redis client failed; a new one starts in %g s", CLIENT_RESTART_DELAY)
-            await trio.sleep(CLIENT_RESTART_DELAY)
-
     async def check(self) -> Health:
         assert isinstance(self.limiter, RedisLimiter)
         try:
@@ -648,14 +653,11 @@ class KeysPlugin:
         """`streamvisor keys ...` (the CLI): the admin API's operations against
         the store, outside any server. With Redis, a change is announced there
         too, so running servers notice it on the key's next request."""
-        if not isinstance(self.limiter, RedisLimiter):
+        try:
             return await _keys_command(self, argv, store)
-        import coredis
-
-        client = coredis.Redis.from_url(self.settings.redis_url, connect_timeout=self.settings.redis_timeout, stream_timeout=self.settings.redis_timeout)
-        async with client:
-            self.limiter.client = client
-            return await _keys_command(self, argv, store)
+        finally:
+            if isinstance(self.limiter, RedisLimiter):
+                await self.limiter.client.aclose()
 
     def panel(self) -> dict[str, Any]:
         return {

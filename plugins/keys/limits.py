@@ -32,6 +32,7 @@ from typing import Any
 import attrs
 
 from .records import Limits
+from .resp import RespClient, Script
 
 #: Seconds a request or a token counts against a per-minute limit.
 WINDOW = 60
@@ -177,7 +178,7 @@ class MemoryLimiter:
                 self._leases[scope.id][session_id] = cost
         return Decision(True, bucket=second, requests=requests, tokens=token_window)
 
-    async def settle(self, scopes: list[Scope], session_id: str, bucket: int, reserved_tokens: int, tokens: int, cost: float) -> None:
+    def settle(self, scopes: list[Scope], session_id: str, bucket: int, reserved_tokens: int, tokens: int, cost: float) -> None:
         for scope in scopes:
             leases = self._leases.get(scope.id)
             if leases is not None:
@@ -222,8 +223,9 @@ class MemoryLimiter:
 # -- Redis -----------------------------------------------------------------------------------
 
 # The layout under the prefix P, per scope S ("key:<id>" or "team:<name>"):
-#   P S:r           hash second -> requests admitted in it (expires after a minute idle)
-#   P S:t           hash second -> tokens counted in it
+#   P S:r           hash second -> requests admitted in it, 'n' -> their total,
+#                   'o' -> the oldest second counted (expires after a minute idle)
+#   P S:t           the same for tokens
 #   P S:l           sorted set session -> lease expiry (ms, Redis clock)
 #   P S:lc          hash session -> reserved cost of its lease
 #   P S:s:<period>  hash spent -> US dollars spent in the budget period
@@ -231,19 +233,39 @@ class MemoryLimiter:
 # Key names are built from ARGV: a standalone Redis (not Redis Cluster) is assumed.
 
 _LUA_WINDOW = """
+-- A window is a hash of per-second counts, with their total in 'n' and the
+-- oldest second counted in 'o': a request reads two fields, and the seconds are
+-- walked only when the oldest one has left the window (once a second at most).
 local function window(key, sec)
+  local head = redis.call('HMGET', key, 'n', 'o')
+  local total, oldest = tonumber(head[1]), tonumber(head[2])
+  if total == nil or oldest == nil then return 0, sec end
+  if oldest > sec - 60 then return total, oldest end
   local all = redis.call('HGETALL', key)
-  local total, oldest = 0, nil
+  total, oldest = 0, nil
   for i = 1, #all, 2 do
-    local s = tonumber(all[i])
-    if s <= sec - 60 then
-      redis.call('HDEL', key, all[i])
-    else
-      total = total + tonumber(all[i + 1])
-      if oldest == nil or s < oldest then oldest = s end
+    local name = all[i]
+    if name ~= 'n' and name ~= 'o' then
+      local s = tonumber(name)
+      if s <= sec - 60 then
+        redis.call('HDEL', key, name)
+      else
+        total = total + tonumber(all[i + 1])
+        if oldest == nil or s < oldest then oldest = s end
+      end
     end
   end
+  redis.call('HSET', key, 'n', total, 'o', oldest or sec)
+  redis.call('EXPIRE', key, 61)
   return total, oldest or sec
+end
+
+-- The TTL is set when a window starts and renewed when it is trimmed, which
+-- steady traffic does every second: an idle window goes a minute after.
+local function count(key, sec, amount)
+  redis.call('HINCRBY', key, sec, amount)
+  redis.call('HINCRBY', key, 'n', amount)
+  if redis.call('HSETNX', key, 'o', sec) == 1 then redis.call('EXPIRE', key, 61) end
 end
 
 local function leases(base, now_ms)
@@ -290,11 +312,16 @@ for i = 0, n - 1 do
   end
   if p.lease then
     local lk, ck = leases(base, now_ms)
-    if conc and redis.call('ZCARD', lk) >= conc then return {'concurrency', id, '1'} end
+    p.live = redis.call('ZCARD', lk)
+    if conc and p.live >= conc then return {'concurrency', id, '1'} end
     if budget then
       local bk = base .. ':s:' .. period
-      if redis.call('HSETNX', bk, 'spent', floor) == 1 then redis.call('EXPIRE', bk, bttl) end
       local spent = tonumber(redis.call('HGET', bk, 'spent'))
+      if spent == nil then
+        redis.call('HSET', bk, 'spent', floor)
+        redis.call('EXPIRE', bk, bttl)
+        spent = tonumber(floor)
+      end
       local reserved = 0
       for _, v in ipairs(redis.call('HVALS', ck)) do reserved = reserved + tonumber(v) end
       if spent + reserved >= budget then return {'budget', id, '0', tostring(spent), tostring(reserved)} end
@@ -304,19 +331,17 @@ for i = 0, n - 1 do
 end
 local out = {'ok', tostring(sec)}
 for _, p in ipairs(plans) do
-  if p.rpm then
-    redis.call('HINCRBY', p.base .. ':r', sec, 1)
-    redis.call('EXPIRE', p.base .. ':r', 61)
-  end
-  if p.tpm then
-    redis.call('HINCRBY', p.base .. ':t', sec, tokens)
-    redis.call('EXPIRE', p.base .. ':t', 61)
-  end
+  if p.rpm then count(p.base .. ':r', sec, 1) end
+  if p.tpm then count(p.base .. ':t', sec, tokens) end
   if p.lease then
     redis.call('ZADD', p.base .. ':l', now_ms + lease, session)
     redis.call('HSET', p.base .. ':lc', session, tostring(cost))
-    redis.call('PEXPIRE', p.base .. ':l', lease * 4)
-    redis.call('PEXPIRE', p.base .. ':lc', lease * 4)
+    if p.live == 0 then
+      -- New leases: their keys' TTL is set here and renewed by the owners'
+      -- renewals (every third of a lease) while any is live.
+      redis.call('PEXPIRE', p.base .. ':l', lease * 4)
+      redis.call('PEXPIRE', p.base .. ':lc', lease * 4)
+    end
   end
   out[#out + 1] = p.rpm and tostring(p.rpm) or ''
   out[#out + 1] = p.rpm and tostring(p.rpm - p.rused - 1) or ''
@@ -329,21 +354,30 @@ return out
 """
 )
 
-# ARGV: prefix, session, bucket, n, then per scope: id, token delta ('' = none), cost, period
+# ARGV: prefix, n sessions, then per session: session, bucket, n scopes, then
+# per scope: id, token delta ('' = none), cost, period. Many sessions per call:
+# settling one at a time fell behind the sessions' ends at concurrency 32, and
+# the sessions not yet settled still held their leases.
 _LUA_SETTLE = """
-local prefix, session, bucket, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-for i = 0, n - 1 do
-  local b = 5 + i * 4
-  local base = prefix .. ARGV[b]
-  redis.call('ZREM', base .. ':l', session)
-  redis.call('HDEL', base .. ':lc', session)
-  local delta = ARGV[b + 1]
-  if delta ~= '' and redis.call('HEXISTS', base .. ':t', bucket) == 1 then
-    redis.call('HINCRBY', base .. ':t', bucket, tonumber(delta))
+local prefix, n = ARGV[1], tonumber(ARGV[2])
+local b = 3
+for _ = 1, n do
+  local session, bucket, scopes = ARGV[b], ARGV[b + 1], tonumber(ARGV[b + 2])
+  b = b + 3
+  for _ = 1, scopes do
+    local base = prefix .. ARGV[b]
+    redis.call('ZREM', base .. ':l', session)
+    redis.call('HDEL', base .. ':lc', session)
+    local delta = ARGV[b + 1]
+    if delta ~= '' and redis.call('HEXISTS', base .. ':t', bucket) == 1 then
+      redis.call('HINCRBY', base .. ':t', bucket, tonumber(delta))
+      redis.call('HINCRBY', base .. ':t', 'n', tonumber(delta))
+    end
+    local cost = tonumber(ARGV[b + 2])
+    local bk = base .. ':s:' .. ARGV[b + 3]
+    if cost > 0 and redis.call('EXISTS', bk) == 1 then redis.call('HINCRBYFLOAT', bk, 'spent', cost) end
+    b = b + 4
   end
-  local cost = tonumber(ARGV[b + 2])
-  local bk = base .. ':s:' .. ARGV[b + 3]
-  if cost > 0 and redis.call('EXISTS', bk) == 1 then redis.call('HINCRBYFLOAT', bk, 'spent', cost) end
 end
 return n
 """
@@ -369,35 +403,41 @@ return renewed
 """
 
 
-def _num(value: Any) -> str:
-    return "" if value is None else repr(value)
+def _num(value: Any) -> Any:
+    return "" if value is None else value
+
+
+_ADMIT, _SETTLE, _RENEW, _CHARGE = (Script(source) for source in (_LUA_ADMIT, _LUA_SETTLE, _LUA_RENEW, _LUA_CHARGE))
 
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-class RedisLimiter:
-    """Counters in Redis, shared by every instance with the same URL and prefix.
+@attrs.frozen
+class Settlement:
+    """A session's end, as the limiter settles it."""
 
-    `client` is the entered coredis client, set by the plugin's `redis` service
-    (None while it has none: every call then raises `ConnectionError`).
-    """
+    session_id: str
+    scopes: list[Scope]
+    bucket: int
+    reserved_tokens: int
+    tokens: int
+    cost: float
+
+
+class RedisLimiter:
+    """Counters in Redis, shared by every instance with the same URL and prefix."""
 
     name = "redis"
 
-    def __init__(self, prefix: str, lease_seconds: float) -> None:
+    def __init__(self, url: str, prefix: str, lease_seconds: float, timeout: float) -> None:
         self.prefix = prefix
         self.lease_ms = max(1000, int(lease_seconds * 1000))
-        self.client: Any = None
-
-    def _client(self) -> Any:
-        if self.client is None:
-            raise ConnectionError("the Redis client is not connected")
-        return self.client
+        self.client = RespClient(url, timeout)
 
     async def admit(self, scopes: list[Scope], session_id: str, tokens: int, cost: float) -> Decision:
-        args: list[Any] = [self.prefix, session_id, tokens, repr(cost), self.lease_ms, len(scopes)]
+        args: list[Any] = [self.prefix, session_id, tokens, cost, self.lease_ms, len(scopes)]
         for scope in scopes:
             limits = scope.limits
             args += [
@@ -407,11 +447,11 @@ class RedisLimiter:
                 _num(limits.max_concurrent_streams),
                 _num(limits.max_budget_usd),
                 scope.period,
-                repr(scope.spent_floor),
+                scope.spent_floor,
                 scope.budget_ttl,
                 scope.version,
             ]
-        reply = [_text(part) for part in await self._client().eval(_LUA_ADMIT, keys=[], args=args)]
+        reply = [_text(part) for part in await self.client.run(_ADMIT, *args)]
         verdict = reply[0]
         if verdict == "stale":
             return Decision(False, "stale", reply[1])
@@ -428,12 +468,15 @@ class RedisLimiter:
                 tokens_window = _tightest(tokens_window, Window(int(tpm), max(0, int(tleft)), float(treset)))
         return Decision(True, bucket=int(reply[1]), requests=requests, tokens=tokens_window)
 
-    async def settle(self, scopes: list[Scope], session_id: str, bucket: int, reserved_tokens: int, tokens: int, cost: float) -> None:
-        args: list[Any] = [self.prefix, session_id, bucket, len(scopes)]
-        for scope in scopes:
-            delta = "" if scope.limits.tpm_limit is None else str(tokens - reserved_tokens)
-            args += [scope.id, delta, repr(cost), scope.period]
-        await self._client().eval(_LUA_SETTLE, keys=[], args=args)
+    async def settle_many(self, settlements: list[Settlement]) -> None:
+        """Settle many sessions in one script call."""
+        args: list[Any] = [self.prefix, len(settlements)]
+        for done in settlements:
+            args += [done.session_id, done.bucket, len(done.scopes)]
+            for scope in done.scopes:
+                delta = "" if scope.limits.tpm_limit is None else done.tokens - done.reserved_tokens
+                args += [scope.id, delta, done.cost, scope.period]
+        await self.client.run(_SETTLE, *args)
 
     async def renew(self, leases: dict[str, list[str]], lease_seconds: float) -> None:
         """Push the expiry of these live sessions' leases (scope -> sessions)."""
@@ -442,23 +485,23 @@ class RedisLimiter:
             for session_id in sessions:
                 pairs += [scope_id, session_id]
         for start in range(0, len(pairs), 1000):
-            await self._client().eval(_LUA_RENEW, keys=[], args=[self.prefix, self.lease_ms, *pairs[start : start + 1000]])
+            await self.client.run(_RENEW, self.prefix, self.lease_ms, *pairs[start : start + 1000])
 
     async def charge(self, scope_id: str, period: str, cost: float) -> None:
         """Spend outside a settlement (an interrupted session's), into a
         budget counter that exists (a missing one starts from the store)."""
-        await self._client().eval(_LUA_CHARGE, keys=[], args=[f"{self.prefix}{scope_id}:s:{period}", repr(cost)])
+        await self.client.run(_CHARGE, f"{self.prefix}{scope_id}:s:{period}", cost)
 
     async def ping(self) -> None:
-        await self._client().ping()
+        await self.client.execute("PING")
 
     async def bump(self, key_id: str) -> None:
         """Tell every instance that a key changed: their next check of it fails
         its version and reads it again."""
-        await self._client().hincrby(self.prefix + "v", f"key:{key_id}", 1)
+        await self.client.execute("HINCRBY", self.prefix + "v", f"key:{key_id}", 1)
 
     async def version(self, key_id: str) -> str:
-        value = await self._client().hget(self.prefix + "v", f"key:{key_id}")
+        value = await self.client.execute("HGET", self.prefix + "v", f"key:{key_id}")
         return "0" if value is None else _text(value)
 
     def trim(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import fnmatch
+import functools
 import hashlib
 import math
 import re
@@ -53,15 +54,27 @@ def period_label(period: str | None, at: float) -> str:
     for a budget without a period."""
     if period is None:
         return ""
-    day = datetime.datetime.fromtimestamp(at, datetime.timezone.utc)
-    return f"d{day:%Y-%m-%d}" if period == "day" else f"m{day:%Y-%m}"
+    return _label(period, int(at))
 
 
 def period_end(period: str | None, at: float) -> float | None:
     """When the budget period `at` falls in ends (UTC), or None."""
     if period is None:
         return None
-    day = datetime.datetime.fromtimestamp(at, datetime.timezone.utc)
+    return _end(period, int(at))
+
+
+# Every request asks for its periods several times: formatting dates showed in
+# the profile. A second resolves to the same answers.
+@functools.lru_cache(maxsize=8)
+def _label(period: str, second: int) -> str:
+    day = datetime.datetime.fromtimestamp(second, datetime.timezone.utc)
+    return f"d{day:%Y-%m-%d}" if period == "day" else f"m{day:%Y-%m}"
+
+
+@functools.lru_cache(maxsize=8)
+def _end(period: str, second: int) -> float:
+    day = datetime.datetime.fromtimestamp(second, datetime.timezone.utc)
     start = day.replace(hour=0, minute=0, second=0, microsecond=0)
     if period == "day":
         end = start + datetime.timedelta(days=1)
