@@ -366,19 +366,11 @@ class Runtime:
         if not self._authenticators:
             return ANONYMOUS
         for plugin, authenticate in self._authenticators:
-            try:
-                principal = await _maybe_await(authenticate(headers, path))
-            except APIError:
-                raise
-            except Exception as exc:
-                self.faults.record(plugin, "authenticator", exc)
-                raise InternalError("The server could not check the request's credentials.") from None
-            if principal is None:
-                continue
-            if not isinstance(principal, Principal):
-                self.faults.record(plugin, "authenticator", TypeError(f"it returned {type(principal).__name__}, not a Principal"))
-                raise InternalError("The server could not check the request's credentials.")
-            return principal
+            principal = await self._ask(
+                plugin, "authenticator", Principal, "The server could not check the request's credentials.", authenticate, headers, path
+            )
+            if principal is not None:
+                return principal
         raise APIError(
             "You didn't provide an API key. Send it as 'Authorization: Bearer sk-...'." if token is None else "Incorrect API key provided.",
             status=401,
@@ -394,19 +386,9 @@ class Runtime:
         admitted: list[Admission] = []
         try:
             for plugin, gate in self._gates:
-                try:
-                    result = await _maybe_await(gate(request, principal))
-                except APIError:
-                    raise
-                except Exception as exc:
-                    self.faults.record(plugin, "gate", exc)
-                    raise InternalError("The server could not admit the request.") from None
-                if result is None:
-                    continue
-                if not isinstance(result, Admission):
-                    self.faults.record(plugin, "gate", TypeError(f"it returned {type(result).__name__}, not an Admission"))
-                    raise InternalError("The server could not admit the request.")
-                admitted.append(result)
+                result = await self._ask(plugin, "gate", Admission, "The server could not admit the request.", gate, request, principal)
+                if result is not None:
+                    admitted.append(result)
         except APIError as refusal:
             await self.release(admitted)
             refusal.headers = {**admission_headers(admitted), **refusal.headers}
@@ -416,6 +398,22 @@ class Runtime:
                 await self.release(admitted)
             raise
         return admitted
+
+    async def _ask(self, plugin: str, what: str, expected: type, failure: str, function: Callable[..., Any], *args: Any) -> Any:
+        """A plugin's answer (sync or async) of the `expected` type, or None.
+        Its `APIError` is the request's answer; anything else it raises or
+        returns is its fault, counted, and a 500 saying `failure`."""
+        try:
+            result = await _maybe_await(function(*args))
+        except APIError:
+            raise
+        except Exception as exc:
+            self.faults.record(plugin, what, exc)
+            raise InternalError(failure) from None
+        if result is not None and not isinstance(result, expected):
+            self.faults.record(plugin, what, TypeError(f"it returned {type(result).__name__}, not {expected.__name__}"))
+            raise InternalError(failure)
+        return result
 
     async def release(self, admissions: list[Admission]) -> None:
         """Undo admissions whose session never started."""
