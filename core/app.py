@@ -128,7 +128,8 @@ def create_app(runtime: Runtime) -> QuartTrio:
 
     @app.get("/v1/models")
     async def list_models() -> Response:
-        models = [m.to_openai() for m in runtime.providers.models()]
+        may_use = current_principal().may_use
+        models = [m.to_openai() for m in runtime.providers.models() if may_use is None or may_use(m.id)]
         return json_response({"object": "list", "data": models})
 
     @app.post("/v1/chat/completions")

@@ -41,6 +41,9 @@ class Principal:
     #: Whatever the authenticator wants to keep with the principal for its own
     #: gates (a key's limits, say). Core never reads it.
     details: Any = attrs.field(default=None, eq=False, repr=False)
+    #: Which model names this caller may use, when not every one: `GET
+    #: /v1/models` lists only those. (A gate still enforces it on requests.)
+    may_use: Callable[[str], bool] | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def is_admin(self) -> bool:

@@ -191,12 +191,19 @@ def test_rotation_gives_a_new_secret_and_the_old_one_stops_working(server):
     assert chat(new, server.url).status_code == 200
 
 
-def test_a_model_the_key_may_not_use_is_403_model_not_allowed(server):
-    _, secret = create_key(server.url, models=["fo*"])
+def test_a_model_the_key_may_not_use_is_403_model_not_allowed_and_not_listed(server):
+    _, secret = create_key(server.url, models=["fo*", "echo"])
     ok = client(server, secret)
+    assert sorted(m.id for m in ok.models.list().data) == ["echo", "fox"]
+    httpx.put(f"{server.url}/admin/teams/narrow", json={"models": ["fox"]}, headers=ADMIN).raise_for_status()
+    _, teamed = create_key(server.url, models=["fo*", "echo"], team="narrow")
+    assert [m.id for m in client(server, teamed).models.list().data] == ["fox"]
+    with pytest.raises(openai.PermissionDeniedError):
+        client(server, teamed).chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}])
+    assert len(httpx.get(f"{server.url}/v1/models", headers=ADMIN).json()["data"]) >= 5  # the admin key sees every model
     assert ok.chat.completions.create(model="fox", messages=[{"role": "user", "content": "hi"}]).choices
     with pytest.raises(openai.PermissionDeniedError) as caught:
-        ok.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi"}])
+        ok.chat.completions.create(model="slow", messages=[{"role": "user", "content": "hi"}])
     assert caught.value.code == "model_not_allowed"
 
 

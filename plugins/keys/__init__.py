@@ -292,7 +292,12 @@ class KeysPlugin:
             if version != cached.version:
                 cached = await self._lookup(digest, fresh=True)
         key = self._usable(cached.key, token)
-        return Principal(identity=key.identity, team=key.team, role=key.role, key_id=key.id, details=cached)
+        team = await self._team(key.team) if key.team else None
+        may_use = None
+        if key.models or (team is not None and team.models):
+            # GET /v1/models lists what the key, and its team, allow.
+            may_use = (lambda model: key.allows(model) and team.allows(model)) if team is not None else key.allows
+        return Principal(identity=key.identity, team=key.team, role=key.role, key_id=key.id, details=cached, may_use=may_use)
 
     def _usable(self, key: Key | None, token: str) -> Key:
         if key is None:
