@@ -44,6 +44,7 @@ from .providers import ProviderRegistry
 from .store import STORE_METHODS, SessionStore
 from .sessions import BufferMeter, Session, SessionActor, SessionRegistry, StreamFn, TransformerFactory, new_id, unwrap
 from .supervisor import ChildSpec, Restart, Supervisor, SupervisorEscalation
+from .web import admin_key, bearer_token
 
 log = logging.getLogger("streamvisor.runtime")
 
@@ -357,8 +358,6 @@ class Runtime:
         """The principal of a request: `ADMIN` for the admin key, else the first
         authenticator's answer; `ANONYMOUS` when no plugin authenticates. An
         authenticator's `APIError` is the answer; none vouching is a 401."""
-        from .web import admin_key, bearer_token
-
         token = bearer_token(headers)
         key = admin_key()
         if token is not None and key is not None and hmac.compare_digest(token.encode(), key.encode()):
