@@ -277,6 +277,7 @@ local function leases(base, now_ms)
 end
 """
 
+# Returns 'ok,<second>' and six window fields per scope, or '<refusal>,<scope>,...'.
 # ARGV: prefix, session, tokens, cost, lease_ms, n, then per scope:
 #   id, rpm, tpm, conc, budget, period, floor, budget_ttl, version ('' = none)
 _LUA_ADMIT = (
@@ -296,24 +297,24 @@ for i = 0, n - 1 do
   local period, floor, bttl, version = ARGV[b + 5], ARGV[b + 6], tonumber(ARGV[b + 7]), ARGV[b + 8]
   if version ~= '' then
     local v = redis.call('HGET', prefix .. 'v', id) or '0'
-    if v ~= version then return {'stale', id, v} end
+    if v ~= version then return 'stale,' .. id .. ',' .. v end
   end
   local base = prefix .. id
   local p = {base = base, rpm = rpm, tpm = tpm, lease = (conc ~= nil or budget ~= nil)}
   if rpm then
     local used, oldest = window(base .. ':r', sec)
-    if used + 1 > rpm then return {'requests', id, tostring(oldest + 60 - sec)} end
+    if used + 1 > rpm then return 'requests,' .. id .. ',' .. (oldest + 60 - sec) end
     p.rused, p.roldest = used, oldest
   end
   if tpm then
     local used, oldest = window(base .. ':t', sec)
-    if used > 0 and used + tokens > tpm then return {'tokens', id, tostring(oldest + 60 - sec)} end
+    if used > 0 and used + tokens > tpm then return 'tokens,' .. id .. ',' .. (oldest + 60 - sec) end
     p.tused, p.toldest = used, oldest
   end
   if p.lease then
     local lk, ck = leases(base, now_ms)
     p.live = redis.call('ZCARD', lk)
-    if conc and p.live >= conc then return {'concurrency', id, '1'} end
+    if conc and p.live >= conc then return 'concurrency,' .. id .. ',1' end
     if budget then
       local bk = base .. ':s:' .. period
       local spent = tonumber(redis.call('HGET', bk, 'spent'))
@@ -324,7 +325,7 @@ for i = 0, n - 1 do
       end
       local reserved = 0
       for _, v in ipairs(redis.call('HVALS', ck)) do reserved = reserved + tonumber(v) end
-      if spent + reserved >= budget then return {'budget', id, '0', tostring(spent), tostring(reserved)} end
+      if spent + reserved >= budget then return 'budget,' .. id .. ',0,' .. tostring(spent) .. ',' .. tostring(reserved) end
     end
   end
   plans[#plans + 1] = p
@@ -350,7 +351,7 @@ for _, p in ipairs(plans) do
   out[#out + 1] = p.tpm and tostring(p.tpm - p.tused - tokens) or ''
   out[#out + 1] = p.tpm and tostring(p.toldest + 60 - sec) or ''
 end
-return out
+return table.concat(out, ',')
 """
 )
 
@@ -451,7 +452,8 @@ class RedisLimiter:
                 scope.budget_ttl,
                 scope.version,
             ]
-        reply = [_text(part) for part in await self.client.run(_ADMIT, *args)]
+        # One comma-separated string: one reply to parse, not an array of them.
+        reply = (await self.client.run(_ADMIT, *args)).decode().split(",")
         verdict = reply[0]
         if verdict == "stale":
             return Decision(False, "stale", reply[1])
