@@ -492,9 +492,9 @@ def redis() -> None:
 
 
 @contextmanager
-def two_processes(tmp_path: Path, keys: str) -> Iterator[list[str]]:
+def two_processes(tmp_path: Path, keys: str, store_url: str | None = None) -> Iterator[list[str]]:
     config = tmp_path / "plugins.toml"
-    config.write_text('[server]\nport = 0\nlog_level = "info"\n' + keys_toml(f"sqlite:///{tmp_path / 'store.db'}", keys))
+    config.write_text('[server]\nport = 0\nlog_level = "info"\n' + keys_toml(store_url or f"sqlite:///{tmp_path / 'store.db'}", keys))
     procs = []
     try:
         urls = []
@@ -510,9 +510,11 @@ def two_processes(tmp_path: Path, keys: str) -> Iterator[list[str]]:
             proc.wait(timeout=30)
 
 
-def test_rpm_10_across_two_processes_sharing_redis_lets_exactly_10_of_20_through(redis, tmp_path):
+def test_rpm_10_across_two_processes_sharing_redis_lets_exactly_10_of_20_through(redis, store_url, tmp_path):
+    # Both stores: the processes share the keys through SQLite's file, or
+    # through PostgreSQL, as instances on several machines would.
     prefix = f"test-keys-{uuid.uuid4().hex[:8]}:"
-    with two_processes(tmp_path, f'redis_url = "{REDIS}"\nkey_prefix = "{prefix}"') as (a, b):
+    with two_processes(tmp_path, f'redis_url = "{REDIS}"\nkey_prefix = "{prefix}"', store_url) as (a, b):
         _, secret = create_key(a, rpm_limit=10)
         results: list[int] = []
         lock = threading.Lock()
