@@ -149,6 +149,9 @@ class UsageRow:
     estimated: int
     #: What they cost in US dollars (sessions without a price count 0; contract 1.2).
     cost_usd: float = 0.0
+    #: The API key they were made with, when a store groups by it (1.2); None
+    #: for sessions without one, or a store that does not.
+    key_id: str | None = None
 
 
 @runtime_checkable

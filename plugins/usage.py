@@ -69,7 +69,7 @@ class Settings:
 
 # -- records and tallies ----------------------------------------------------------
 
-Key = tuple[str, str, str, str | None]  # (model, provider, identity, team)
+Key = tuple[str, str, str, str | None, str | None]  # (model, provider, identity, team, key_id)
 
 
 @attrs.frozen(slots=True)
@@ -104,7 +104,7 @@ class UsageRecord:
 
     @property
     def key(self) -> Key:
-        return (self.model, self.provider, self.identity, self.team)
+        return (self.model, self.provider, self.identity, self.team, self.key_id)
 
     @property
     def total_tokens(self) -> int:
@@ -225,7 +225,7 @@ class Filters:
     team: str | None = None
 
     def selects(self, key: Key) -> bool:
-        model, provider, identity, team = key
+        model, provider, identity, team, _ = key
         return (
             (self.model is None or model == self.model)
             and (self.provider is None or provider == self.provider)
@@ -302,9 +302,10 @@ class Ledger:
         by_model: dict[str, Tally] = {}
         by_provider: dict[str, Tally] = {}
         by_identity: dict[str, Tally] = {}
+        by_key: dict[str, Tally] = {}
 
         def count(key: Key, add: Any) -> None:
-            model, provider, identity, _ = key
+            model, provider, identity, _, key_id = key
             for tally in (
                 totals,
                 by_model.setdefault(model, Tally()),
@@ -312,6 +313,8 @@ class Ledger:
                 by_identity.setdefault(identity, Tally()),
             ):
                 add(tally)
+            if key_id is not None:
+                add(by_key.setdefault(key_id, Tally()))
 
         for _, record in self.records:
             if filters.selects(record.key) and filters.covers(record.finished_at):
@@ -345,6 +348,7 @@ class Ledger:
             "by_model": breakdown(by_model),
             "by_provider": breakdown(by_provider),
             "by_identity": breakdown(by_identity),
+            "by_key": breakdown(by_key),
             "complete": complete,
         }
 
@@ -444,6 +448,7 @@ def _nothing(filters: Filters) -> dict[str, Any]:
         "by_model": {},
         "by_provider": {},
         "by_identity": {},
+        "by_key": {},
         "complete": True,
         "ledger": {},
     }
@@ -519,6 +524,7 @@ USAGE_OPENAPI = {
                             "by_model": {"type": "object", "additionalProperties": _TALLY},
                             "by_provider": {"type": "object", "additionalProperties": _TALLY},
                             "by_identity": {"type": "object", "additionalProperties": _TALLY},
+                            "by_key": {"type": "object", "additionalProperties": _TALLY, "description": "By API key id (sessions made with one)."},
                             "complete": {"type": "boolean"},
                             "ledger": {"type": "object"},
                         },
@@ -704,7 +710,7 @@ class UsagePlugin:
         args = (filters.model, filters.provider, filters.identity, filters.since, filters.until)
         rows = await (store.usage(*args) if filters.team is None else store.usage(*args, team=filters.team))
         totals = Tally()
-        groups: dict[str, dict[str, Tally]] = {"by_model": {}, "by_provider": {}, "by_identity": {}}
+        groups: dict[str, dict[str, Tally]] = {"by_model": {}, "by_provider": {}, "by_identity": {}, "by_key": {}}
         for row in rows:
             part = Tally(
                 sessions=row.sessions,
@@ -717,8 +723,9 @@ class UsagePlugin:
                 cost_usd=row.cost_usd,
             )
             totals.merge(part)
-            for group, name in (("by_model", row.model), ("by_provider", row.provider), ("by_identity", row.identity)):
-                groups[group].setdefault(name, Tally()).merge(part)
+            for group, name in (("by_model", row.model), ("by_provider", row.provider), ("by_identity", row.identity), ("by_key", row.key_id)):
+                if name is not None:
+                    groups[group].setdefault(name, Tally()).merge(part)
         return {
             "object": "usage",
             "filters": filters.to_json(),

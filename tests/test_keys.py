@@ -382,6 +382,23 @@ def test_a_budget_stops_the_key_after_the_request_that_spent_it(limited):
     assert chat(secret, limited.url).status_code == 200
 
 
+def test_usage_is_broken_down_by_key(server):
+    first, one = create_key(server.url, identity="alice")
+    second, two = create_key(server.url, identity="alice")
+    for secret, times in ((one, 1), (two, 2)):
+        for _ in range(times):
+            chat(secret, server.url).raise_for_status()
+    server.wait_for(lambda: server.runtime.sessions.live_count == 0)
+    deadline = time.monotonic() + 5
+    while True:
+        usage = httpx.get(f"{server.url}/v1/usage", headers={"Authorization": f"Bearer {one}"}).json()
+        if usage["totals"]["sessions"] == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert {k: v["sessions"] for k, v in usage["by_key"].items()} == {first: 1, second: 2}
+    assert usage["by_key"][second]["cost_usd"] == pytest.approx(2 * usage["by_key"][first]["cost_usd"])
+
+
 # -- privacy -------------------------------------------------------------------------------
 
 

@@ -289,12 +289,12 @@ def usage(
     clause, params = _usage_where(model, provider, identity, since, until, team)
     rows = conn.all(
         "SELECT model, provider, identity, outcome, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(reasoning_tokens),"
-        f" SUM(duration_ms), SUM(1 - exact), SUM(cost_usd) FROM usage_records{clause} GROUP BY model, provider, identity, outcome",
+        f" SUM(duration_ms), SUM(1 - exact), SUM(cost_usd), key_id FROM usage_records{clause} GROUP BY model, provider, identity, outcome, key_id",
         params,
     )
     return [
-        UsageRow(m, p, i, o, int(n), int(pt or 0), int(ct or 0), int(rt or 0), float(d or 0.0), int(e or 0), float(c or 0.0))
-        for m, p, i, o, n, pt, ct, rt, d, e, c in rows
+        UsageRow(m, p, i, o, int(n), int(pt or 0), int(ct or 0), int(rt or 0), float(d or 0.0), int(e or 0), float(c or 0.0), k)
+        for m, p, i, o, n, pt, ct, rt, d, e, c, k in rows
     ]
 
 
