@@ -186,6 +186,7 @@ class KeysPlugin:
         self.limiter: MemoryLimiter | RedisLimiter = (
             RedisLimiter(settings.redis_url, settings.key_prefix, settings.lease_seconds, settings.redis_timeout) if settings.redis_url else MemoryLimiter()
         )
+        self._flush_lock = trio.Lock()
         #: Redis: the sessions that ended, settled together by the `settler`.
         self._to_settle: list[Settlement] = []
         self._settle_wake = trio.Event()
@@ -519,23 +520,28 @@ class KeysPlugin:
             await self.settle_queued()
 
     async def flush(self) -> bool:
-        """Add the spend counted since the last flush to the store."""
-        if not self._unflushed:
+        """Add the spend counted since the last flush to the store. One flush
+        at a time: the shutdown's waits for the service's to finish."""
+        async with self._flush_lock:
+            if not self._unflushed:
+                return True
+            batch, self._unflushed = self._unflushed, {}
+            try:
+                for slot in list(batch):
+                    kind, scope_id, period = slot
+                    await self.store.add_amount(kind, scope_id, period, batch[slot])
+                    del batch[slot]
+                    if kind == SPEND_KIND:
+                        self._floors.pop((scope_id, period), None)
+            except BaseException as exc:
+                # What was not written goes back, failed or cancelled alike.
+                for slot, amount in batch.items():
+                    self._unflushed[slot] = self._unflushed.get(slot, 0.0) + amount
+                if not isinstance(exc, Exception):
+                    raise
+                log.warning("keys: adding spend to the store failed (%s); it is kept and retried", exc)
+                return False
             return True
-        batch, self._unflushed = self._unflushed, {}
-        try:
-            for slot in list(batch):
-                kind, scope_id, period = slot
-                await self.store.add_amount(kind, scope_id, period, batch[slot])
-                del batch[slot]
-                if kind == SPEND_KIND:
-                    self._floors.pop((scope_id, period), None)
-        except Exception as exc:
-            for slot, amount in batch.items():
-                self._unflushed[slot] = self._unflushed.get(slot, 0.0) + amount
-            log.warning("keys: adding spend to the store failed (%s); it is kept and retried", exc)
-            return False
-        return True
 
     async def charge_interrupted(self) -> int:
         """Charge the sessions the store marked interrupted (their server died
