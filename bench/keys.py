@@ -50,7 +50,7 @@ from urllib.parse import unquote, urlsplit
 
 from . import servers
 from .loadgen import MESSAGES
-from .report import RESULTS
+from .report import RESULTS, Paired
 from .scenarios import Bench
 from .system import machine, source_state
 
@@ -325,24 +325,9 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             bench.stop_all()
 
-    def median(name: str, level: int, key: str) -> float:
-        return statistics.median(r[level][key] for r in rounds[name])
-
-    def ratio(name: str, level: int) -> float:
-        return statistics.median(k[level]["rps"] / w[level]["rps"] for k, w in zip(rounds[name], rounds["without"]))
-
-    keyed = [name for name in rounds if name != "without"]
-    print(f"\n{rounds_n} rounds, interleaved; medians of the rounds; keys/without is paired within each round\n")
-    print("| concurrency | without req/s | " + " | ".join(f"{k} req/s | {k}/without" for k in keyed) + " |")
-    print("|---:" * (2 + 2 * len(keyed)) + "|")
-    for level in levels:
-        cells = [f"{median('without', level, 'rps'):.0f}"] + [f"{median(k, level, 'rps'):.0f} | {ratio(k, level):.3f}" for k in keyed]
-        print(f"| {level} | " + " | ".join(cells) + " |")
-    print("\nServer CPU per request, ms (lower is better):\n")
-    print("| concurrency | without | " + " | ".join(keyed) + " |")
-    print("|---:" * (2 + len(keyed)) + "|")
-    for level in levels:
-        print(f"| {level} | " + " | ".join(f"{median(n, level, 'cpu_ms'):.2f}" for n in ["without", *keyed]) + " |")
+    paired = Paired(rounds, levels)
+    median, ratio, keyed = paired.median, paired.ratio, paired.others
+    print("\n" + paired.tables("keys"))
     print("\nOther processes' CPU in the windows, share of a core (median of rounds; the machine's noise): " + "; ".join(
         f"{n} " + ", ".join(f"{statistics.median(r[level]['cpu'].get('other', 0.0) for r in rounds[n]):.2f}" for level in levels) for n in rounds))
     if "redis" in rounds and all(r[level]["redis_cpu_ms"] is not None for r in rounds["redis"] for level in levels):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -226,3 +227,39 @@ def _floor_rows(floor: dict[str, Any] | None) -> list[list[str]]:
         ["floor: quart-trio relay route, RSS after warm-up", f"{floor['rss_warm_kb'] / 1024:.1f} MB"],
         ["floor: per open stream", f"{floor['kb_per_stream']:.1f} KB ({floor['completed']} completed)"],
     ]
+
+
+class Paired:
+    """Figures of variants run alternately in rounds against a `base` variant
+    (bench.store, bench.keys): `rounds[name][round][level][key]`."""
+
+    def __init__(self, rounds: dict[str, list[dict[int, dict[str, Any]]]], levels: Sequence[int], base: str = "without") -> None:
+        self.rounds = rounds
+        self.levels = list(levels)
+        self.base = base
+        self.others = [name for name in rounds if name != base]
+
+    def median(self, name: str, level: int, key: str) -> float:
+        """The median over the rounds of one figure."""
+        return statistics.median(r[level][key] for r in self.rounds[name])
+
+    def ratio(self, name: str, level: int) -> float:
+        """The median of `name`'s req/s over the base's, paired within each round."""
+        return statistics.median(v[level]["rps"] / b[level]["rps"] for v, b in zip(self.rounds[name], self.rounds[self.base]))
+
+    def tables(self, what: str) -> str:
+        """req/s with each variant's paired ratio, then server CPU per request."""
+        base, others = self.base, self.others
+        lines = [
+            f"{len(self.rounds[base])} rounds, interleaved; medians of the rounds; {what}/{base} is paired within each round",
+            "",
+            f"| concurrency | {base} req/s | " + " | ".join(f"{o} req/s | {o}/{base}" for o in others) + " |",
+            "|---:" * (2 + 2 * len(others)) + "|",
+        ]
+        for level in self.levels:
+            cells = [f"{self.median(base, level, 'rps'):.0f}"] + [f"{self.median(o, level, 'rps'):.0f} | {self.ratio(o, level):.3f}" for o in others]
+            lines.append(f"| {level} | " + " | ".join(cells) + " |")
+        lines += ["", "Server CPU per request, ms (lower is better):", "", f"| concurrency | {base} | " + " | ".join(others) + " |", "|---:" * (2 + len(others)) + "|"]
+        for level in self.levels:
+            lines.append(f"| {level} | " + " | ".join(f"{self.median(n, level, 'cpu_ms'):.2f}" for n in [base, *others]) + " |")
+        return "\n".join(lines)

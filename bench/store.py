@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from typing import Any
 from streamvisor.testing import postgres_database
 
 from . import servers
-from .report import RESULTS
+from .report import RESULTS, Paired
 from .scenarios import Bench
 from .system import machine, source_state
 
@@ -104,25 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             bench.stop_all()
 
-    def median(name: str, level: int, key: str) -> float:
-        return statistics.median(r[level][key] for r in rounds[name])
-
-    def ratio(name: str, level: int) -> float:
-        return statistics.median(s[level]["rps"] / w[level]["rps"] for s, w in zip(rounds[name], rounds["without"]))
-
-    stores = [name for name in rounds if name != "without"]
-    print(f"\n{args.rounds} rounds, interleaved; medians of the rounds; store/without is paired within each round\n")
-    header = "| concurrency | without req/s | " + " | ".join(f"{s} req/s | {s}/without" for s in stores) + " |"
-    print(header)
-    print("|---:" * (2 + 2 * len(stores)) + "|")
-    for level in levels:
-        cells = [f"{median('without', level, 'rps'):.0f}"] + [f"{median(s, level, 'rps'):.0f} | {ratio(s, level):.3f}" for s in stores]
-        print(f"| {level} | " + " | ".join(cells) + " |")
-    print("\nServer CPU per request, ms (lower is better):\n")
-    print("| concurrency | without | " + " | ".join(stores) + " |")
-    print("|---:" * (2 + len(stores)) + "|")
-    for level in levels:
-        print(f"| {level} | " + " | ".join(f"{median(n, level, 'cpu_ms'):.2f}" for n in ["without", *stores]) + " |")
+    print("\n" + Paired(rounds, levels).tables("store"))
     args.results_dir.mkdir(parents=True, exist_ok=True)
     out = args.results_dir / f"store-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"machine": machine(), "source": source_state(servers.ROOT), "options": options, "rounds": rounds}, indent=2))
