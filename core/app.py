@@ -139,7 +139,10 @@ def create_app(runtime: Runtime) -> QuartTrio:
         chat = attrs.evolve(
             chat, request_id=g.request_id, session_id=new_id("sess_"), identity=principal.identity, team=principal.team, key_id=principal.key_id
         )
-        runtime.check_capacity(chat)  # refuse before a gate reserves anything
+        if runtime.gated:
+            # Refuse before a gate reserves anything; open_session checks again
+            # after the gates, which may have waited.
+            runtime.check_capacity(chat)
         admissions = await runtime.admit(chat, principal)
         try:
             session = runtime.open_session(chat)

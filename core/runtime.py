@@ -40,7 +40,7 @@ from .events import EventDispatcher
 from .faults import PluginError, PluginFaults
 from .health import Health, HealthCheck
 from .openapi import plugin_operations
-from .providers import ProviderRegistry
+from .providers import ProviderRegistry, Route
 from .store import STORE_METHODS, SessionStore
 from .sessions import BufferMeter, Session, SessionActor, SessionRegistry, StreamFn, TransformerFactory, new_id, unwrap
 from .supervisor import ChildSpec, Restart, Supervisor, SupervisorEscalation
@@ -565,15 +565,19 @@ class Runtime:
         """Resolve the model, register a session and start its actor (see
         `check_capacity`). The request's `session_id` is kept when set (a gate
         saw it), else one is made."""
-        self.check_capacity(request)
-        return self._start(request)
+        return self._start(request, self.check_capacity(request))
 
-    def check_capacity(self, request: ChatRequest) -> None:
+    @property
+    def gated(self) -> bool:
+        """Whether a plugin registered a gate."""
+        return bool(self._gates)
+
+    def check_capacity(self, request: ChatRequest) -> Route:
         """Whether a session for `request` may open now: its model resolves, and
         the server has room. Refused with `Overloaded` (503) while the live
         sessions, plus the terminal events a listener has yet to handle, reach
-        `[server] max_live_sessions`."""
-        self.providers.resolve(request.model)
+        `[server] max_live_sessions`. Returns the model's route."""
+        route = self.providers.resolve(request.model)
         if self._nursery is None:
             raise RuntimeError("the runtime is not running")
         live = self.sessions.live_count
@@ -599,11 +603,10 @@ class Runtime:
                     code="too_many_background_sessions",
                     headers={"Retry-After": "1"},
                 )
+        return route
 
-    def _start(self, request: ChatRequest) -> Session:
-        route = self.providers.resolve(request.model)
-        if self._nursery is None:
-            raise RuntimeError("the runtime is not running")
+    def _start(self, request: ChatRequest, route: Route) -> Session:
+        assert self._nursery is not None
         session_id = request.session_id or new_id("sess_")
         if not request.session_id:
             request = attrs.evolve(request, session_id=session_id)
