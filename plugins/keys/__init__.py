@@ -362,12 +362,14 @@ class KeysPlugin:
         prompt = request.estimate_prompt_tokens()
         answer = request.max_tokens or self.settings.default_max_tokens
         tokens = prompt + answer
-        cost = self.runtime.price(request.model, Usage(prompt, answer, exact=False)) or 0.0
         decision = None
         for _ in range(2):
             scopes = await self._scopes(cached, team)
             if not scopes:
                 break
+            # The reserved cost counts only against a budget: priced only then.
+            budgeted = any(scope.limits.max_budget_usd is not None for scope in scopes)
+            cost = (self.runtime.price(request.model, Usage(prompt, answer, exact=False)) or 0.0) if budgeted else 0.0
             decision = await self._admit(scopes, request.session_id, tokens, cost)
             if decision is None or decision.refusal != "stale":
                 break
