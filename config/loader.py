@@ -24,6 +24,11 @@ from .validators import positive
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+def _check_redis_url(value: str) -> None:
+    if value and not value.startswith(("redis://", "rediss://")):
+        raise ValueError(f"expected a redis:// or rediss:// URL, got {value.split('@')[-1]!r}")
+
+
 @attrs.frozen
 class ServerSettings:
     """The `[server]` table: settings of the core itself."""
@@ -65,6 +70,10 @@ class ServerSettings:
     restart_intensity: int = attrs.field(default=5, validator=attrs.validators.ge(0))
     #: ... within this many seconds, or the supervisor gives up and escalates.
     restart_period_seconds: float = attrs.field(default=10.0, validator=positive)
+    #: The Redis that the servers of one deployment share (`redis://` or
+    #: `rediss://`): the cluster plugin, and the cache and keys plugins when
+    #: their own `redis_url` is not set, use it. Empty: none.
+    redis_url: str = attrs.field(default="", validator=lambda _, __, value: _check_redis_url(value))
     log_level: str = attrs.field(
         default="info",
         validator=attrs.validators.in_(["debug", "info", "warning", "error"]),

@@ -9,7 +9,7 @@ context stops live sessions, delivers their terminal events, calls the
 cancels everything left: when `open` returns, no task of the runtime is running.
 
 What plugins may use of a `Runtime` is its public API (documented in
-docs/hooks.md): `config`, `sessions`, `providers`, `events`, `metrics`, `store`,
+docs/hooks.md): `config`, `instance`, `instance_id`, `sessions`, `providers`, `events`, `metrics`, `store`, `directory`,
 `health_checks`, `status_panels()`, `plugin_status()`, `open_session()`. Names
 with a leading underscore are the runtime's own.
 """
@@ -21,6 +21,8 @@ import hmac
 import inspect
 import logging
 import math
+import os
+import secrets
 import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Mapping
@@ -35,6 +37,7 @@ from streamvisor.hooks.markers import deprecated
 
 from .auth import ADMIN, ANONYMOUS, Admission, Principal
 from .chat import ChatRequest, Delta, Usage
+from .directory import SessionDirectory
 from .errors import APIError, InternalError, Overloaded
 from .events import EventDispatcher
 from .faults import PluginError, PluginFaults
@@ -106,9 +109,18 @@ def _required_positional(fn: Callable[..., Any]) -> int | None:
 
 
 class Runtime:
-    def __init__(self, config: StreamvisorConfig, host: PluginHost) -> None:
+    def __init__(self, config: StreamvisorConfig, host: PluginHost, instance: str | None = None) -> None:
         server = config.server
         self.config = config
+        #: This server's name among the servers that share a store or a Redis
+        #: (contract 1.3): host and port, with "/wN" for worker N of `serve
+        #: --workers`. It is the same again after a restart, so a store can find
+        #: the sessions it left live.
+        self.instance = instance or f"{os.uname().nodename}:{server.port}"
+        #: This process's own id: the name and a random tag, new at every start
+        #: (contract 1.3). Stores record it as a session's owner, so the sessions
+        #: of a dead process can be told from those of its successor.
+        self.instance_id = f"{self.instance}@{secrets.token_hex(4)}"
         self.providers = ProviderRegistry()
         self.events = EventDispatcher(server.event_queue_size, server.listener_timeout_seconds)
         self.sessions = SessionRegistry(server.session_retention_seconds, server.max_retained_sessions)
@@ -144,17 +156,22 @@ class Runtime:
         #: The session store a plugin offered (`register_store`), or None.
         self.store: SessionStore | None = None
         self._store_plugin: str | None = None
+        #: Where sessions on other servers are found (`register_session_directory`;
+        #: contract 1.3), or None.
+        self.directory: SessionDirectory | None = None
+        self._directory_plugin: str | None = None
         self._nursery: trio.Nursery | None = None
 
     # -- life cycle -----------------------------------------------------------
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, config: StreamvisorConfig, *, plugins: dict[str, Any] | None = None) -> AsyncIterator["Runtime"]:
+    async def open(cls, config: StreamvisorConfig, *, plugins: dict[str, Any] | None = None, instance: str | None = None) -> AsyncIterator["Runtime"]:
         """Start a runtime for `config`; `plugins` maps names to plugin objects used
         instead of looking the names up (the table in `config` still decides
-        whether they run)."""
-        runtime = cls(config, PluginHost.from_config(config, plugins))
+        whether they run). `instance` names this server (`Runtime.instance`;
+        host and port by default)."""
+        runtime = cls(config, PluginHost.from_config(config, plugins), instance)
         await runtime._register()
         async with trio.open_nursery() as nursery:
             runtime._nursery = nursery
@@ -204,6 +221,7 @@ class Runtime:
         await self._call_hook("register_services", per_plugin(self._add_service))
         await self._call_hook("register_health_checks", per_plugin(self._add_check))
         await self._call_hook("register_store", per_plugin(self._set_store))
+        await self._call_hook("register_session_directory", per_plugin(self._set_directory))
         await self._call_hook("register_authenticators", per_plugin(self._adder(self._authenticators, "authenticator")))
         await self._call_hook("register_gates", per_plugin(self._adder(self._gates, "gate")))
         await self._call_hook("register_pricing", per_plugin(self._adder(self._pricers, "price function")))
@@ -313,6 +331,15 @@ class Runtime:
                 self.config.source, f"plugins.{plugin}", "one session store per server", f"plugin {self._store_plugin!r} offers one already"
             )
         self.store, self._store_plugin = store, plugin
+
+    def _set_directory(self, plugin: str, directory: Any) -> None:
+        if not callable(getattr(directory, "find", None)):
+            raise TypeError(f"the session directory {directory!r} has no find(session_id) method")
+        if self.directory is not None:
+            raise ConfigError(
+                self.config.source, f"plugins.{plugin}", "one plugin offering a session directory", f"a second one (plugin {self._directory_plugin!r} offers one)"
+            )
+        self.directory, self._directory_plugin = directory, plugin
 
     def _add_panel(self, plugin: str, name: str, panel: StatusPanel) -> None:
         if not callable(panel):

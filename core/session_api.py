@@ -1,8 +1,10 @@
 """The session routes: read, list, follow, stop and delete sessions.
 
 A session is looked up in memory first (live, or finished within its retention),
-then in the session store when a plugin offers one (`runtime.store`). So a
-session can be read and followed after it left memory, and after a restart.
+then in the session directory when a plugin offers one (`runtime.directory`:
+sessions that run on another server), then in the session store when a plugin
+offers one (`runtime.store`). So a session can be read, followed and stopped
+through any server, after it left memory, and after a restart.
 
 Following (`GET /v1/sessions/{id}/stream`) sends a session's chunks in the wire
 format of its original stream, with the same `id:` values (the chunk's offset),
@@ -27,10 +29,11 @@ from quart_trio import QuartTrio
 from . import sse
 from .auth import Principal, current_principal
 from .chat import Delta, Usage
+from .directory import RemoteSession
 from .errors import APIError, InvalidRequest, NotFound
 from .runtime import Runtime
 from .sessions import STATES, Session
-from .store import INTERRUPTED, SessionQuery, StoredSession, decode_cursor, encode_cursor
+from .store import INTERRUPTED, SessionQuery, StoredSession, completion_id, completion_object, decode_cursor, encode_cursor
 from .web import check_admin, json_response
 
 log = logging.getLogger("streamvisor.http")
@@ -55,24 +58,28 @@ class Gone(APIError):
     code = "session_gone"
 
 
-def completion_id(session_id: str) -> str:
-    return f"chatcmpl-{session_id.removeprefix('sess_')}"
-
-
 def _missing(session_id: str) -> NotFound:
     return NotFound(f"No session with id '{session_id}' (it never existed, or it is older than the retention and no store keeps it).")
 
 
-async def find(runtime: Runtime, session_id: str) -> Session | StoredSession:
-    """The session in memory, else in the store; 404, or 410 when the store
-    says it was deleted or purged. Another caller's session is a 404 too: the
-    answer never tells whether an id exists."""
+async def find(runtime: Runtime, session_id: str) -> Session | StoredSession | RemoteSession:
+    """The session in memory, else on another server (the directory), else in
+    the store; 404, or 410 when the store says it was deleted or purged.
+    Another caller's session is a 404 too: the answer never tells whether an id
+    exists."""
     principal = current_principal()
     session = runtime.sessions.find(session_id)
     if session is not None:
         if not principal.sees(session.identity, session.team):
             raise _missing(session_id)
         return session
+    directory = runtime.directory
+    if directory is not None:
+        remote = await directory.find(session_id)
+        if remote is not None:
+            if not principal.sees(remote.identity, remote.team):
+                raise _missing(session_id)
+            return remote
     store = runtime.store
     if store is not None:
         stored = await store.get(session_id)
@@ -253,6 +260,11 @@ async def follow(runtime: Runtime, session_id: str) -> Response:
                 f"Session '{session_id}' has finished and its chunks are no longer kept: start a session with "
                 "\"background\": true to follow it after its request, or enable the store plugin to replay any session."
             )
+    elif not isinstance(found, StoredSession):
+        # On another server: its directory brings the chunks, and last its end.
+        session = None
+        model, created, include_usage = found.model, int(found.created_at), found.include_usage
+        source = found.follow(offset, keepalive)
     else:
         if found.transcript != "kept":
             why = "was not stored (store_content = false)" if found.transcript == "not_stored" else "was purged (retention)"
@@ -383,22 +395,20 @@ def add_session_routes(app: QuartTrio, runtime: Runtime) -> None:
     @app.get("/v1/sessions/<session_id>/completion")
     async def session_completion(session_id: str) -> Response:
         found = await find(runtime, session_id)
+        if not isinstance(found, (Session, StoredSession)):
+            return json_response(await found.completion())
         deltas = await transcript(runtime, found)
-        if isinstance(found, Session):
-            model, created = found.request.model, int(found.created_at)
-            usage = found.usage
-            if usage is None:
-                text = sum(len(d.content or "") + len(d.reasoning or "") for d in deltas)
-                usage = Usage(found.request.estimate_prompt_tokens(), (text + 3) // 4, exact=False)
-        else:
-            model, created, usage = found.model, int(found.created_at), found.usage or Usage(exact=False)
-        body = sse.completion(completion_id(found.id), model, created, deltas, found.finish_reason, usage)
-        body["session"] = {"id": found.id, "state": found.state, "finished": found.finished}
-        return json_response(body)
+        return json_response(completion_object(found, deltas))
 
     @app.post("/v1/sessions/<session_id>/stop")
     async def stop_session(session_id: str) -> Response:
         found = await find(runtime, session_id)
+        if not isinstance(found, (Session, StoredSession)):
+            # A command to the server that runs it; the answer says whether it got there.
+            delivered, body = await found.stop()
+            body.setdefault("stopped", False)
+            body["delivered"] = delivered
+            return json_response(body)
         stopped = False
         if isinstance(found, Session):
             stopped = found.cancel("stopped")
@@ -407,13 +417,17 @@ def add_session_routes(app: QuartTrio, runtime: Runtime) -> None:
                     await found.wait_done()
         body = found.to_json()
         body["stopped"] = stopped
+        # Delivered: the session is here, or (in the store) nowhere to send it.
+        body["delivered"] = isinstance(found, Session)
         return json_response(body)
 
     @app.delete("/v1/sessions/<session_id>")
     async def delete_session(session_id: str) -> Response:
-        await find(runtime, session_id)  # 404 for another caller's, 410 when gone already
+        found = await find(runtime, session_id)  # 404 for another caller's, 410 when gone already
         session = runtime.sessions.find(session_id)
         deleted = False
+        if not isinstance(found, (Session, StoredSession)):
+            deleted = await found.delete()
         if session is not None:
             if session.cancel("stopped"):
                 with trio.move_on_after(5):

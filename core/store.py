@@ -18,11 +18,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import attrs
 
+from . import sse
 from .chat import Delta, Usage
 from .errors import InvalidRequest
-from .sessions import INTERRUPTED, LIVE_STATES, session_object
+from .sessions import INTERRUPTED, LIVE_STATES, Session, session_object
 
-__all__ = ["INTERRUPTED", "RecordStore", "SessionQuery", "SessionStore", "StoredSession", "UsageRow", "decode_cursor", "encode_cursor"]
+__all__ = ["INTERRUPTED", "completion_id", "completion_object", "RecordStore", "SessionQuery", "SessionStore", "StoredSession", "UsageRow", "decode_cursor", "encode_cursor"]
 
 
 @attrs.frozen
@@ -82,6 +83,32 @@ class StoredSession:
         )
         body["transcript"] = self.transcript
         return body
+
+
+def completion_id(session_id: str) -> str:
+    return f"chatcmpl-{session_id.removeprefix('sess_')}"
+
+
+def completion_object(found: Session | StoredSession, deltas: list[Delta] | None = None) -> dict[str, Any]:
+    """A session's output so far as a `chat.completion` object, with a
+    `session` member (id, state, finished): what `GET
+    /v1/sessions/{id}/completion` answers (public, contract 1.3). `deltas` are
+    its chunks; by default a session's buffer, which must be whole."""
+    if deltas is None:
+        if not isinstance(found, Session) or found.dropped_chunks:
+            raise ValueError("the session's buffer is not whole: pass its deltas")
+        deltas = list(found.chunks)
+    if isinstance(found, Session):
+        model, created = found.request.model, int(found.created_at)
+        usage = found.usage
+        if usage is None:
+            text = sum(len(d.content or "") + len(d.reasoning or "") for d in deltas)
+            usage = Usage(found.request.estimate_prompt_tokens(), (text + 3) // 4, exact=False)
+    else:
+        model, created, usage = found.model, int(found.created_at), found.usage or Usage(exact=False)
+    body = sse.completion(completion_id(found.id), model, created, deltas, found.finish_reason, usage)
+    body["session"] = {"id": found.id, "state": found.state, "finished": found.finished}
+    return body
 
 
 @attrs.frozen

@@ -19,6 +19,7 @@ from streamvisor.config.validators import at_least_one, not_negative, positive
 from streamvisor.core import httpclient
 from streamvisor.core.auth import ADMIN, ANONYMOUS, Admission, Principal, current_principal
 from streamvisor.core.chat import ChatRequest, Delta, Usage, message_text
+from streamvisor.core.directory import RemoteSession, SessionDirectory
 from streamvisor.core.errors import (
     APIError,
     InternalError,
@@ -33,11 +34,14 @@ from streamvisor.core.errors import (
 from streamvisor.core.events import TERMINAL_TYPES, Event, EventType, ListenerStats, Outcome
 from streamvisor.core.health import Health
 from streamvisor.core.logs import log_context
+from streamvisor.core.redis import Connection as RedisConnection
+from streamvisor.core.redis import RedisError, RespClient
+from streamvisor.core.redis import Script as RedisScript
 from streamvisor.core.metrics import Labelled
 from streamvisor.core.providers import ModelInfo, Provider, ProviderRegistry, Route
 from streamvisor.core.sessions import LIVE_STATES, Session, SessionRegistry, unwrap
 from streamvisor.core.sse import SSEBoundError, SSEDecoder
-from streamvisor.core.store import INTERRUPTED, RecordStore, SessionQuery, SessionStore, StoredSession, UsageRow
+from streamvisor.core.store import INTERRUPTED, RecordStore, completion_object, SessionQuery, SessionStore, StoredSession, UsageRow
 from streamvisor.core.web import ADMIN_KEY_ENV, admin_key, bearer_token, check_admin, json_response, read_json, require_admin
 
 from .manager import BUILTIN_PLUGINS, DEFAULT_STACK, ENTRY_POINT_GROUP, LoadedPlugin, PluginHost  # noqa: F401 (the host's, for the CLI and tests)
@@ -88,6 +92,14 @@ __all__ = [
     "current_principal",
     "bearer_token",
     "check_admin",
+    # many instances (contract 1.3)
+    "SessionDirectory",
+    "RemoteSession",
+    "completion_object",
+    "RespClient",
+    "RedisConnection",
+    "RedisError",
+    "RedisScript",
     # errors
     "APIError",
     "InvalidRequest",

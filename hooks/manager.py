@@ -40,6 +40,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "pricing": "streamvisor.plugins.pricing:PricingPlugin",
     "keys": "streamvisor.plugins.keys:KeysPlugin",
     "store": "streamvisor.plugins.store:StorePlugin",
+    "cluster": "streamvisor.plugins.cluster:ClusterPlugin",
     "usage": "streamvisor.plugins.usage:UsagePlugin",
     "monitor": "streamvisor.plugins.monitor:MonitorPlugin",
     "health": "streamvisor.plugins.health:HealthPlugin",

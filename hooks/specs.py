@@ -129,6 +129,19 @@ def register_store(register, runtime):
 
 
 @hookspec
+def register_session_directory(register, runtime):
+    """Offer the session directory: where sessions that run on other servers
+    are found (contract 1.3).
+
+    :param register: call ``register(directory)`` with an object that has an
+        ``async find(session_id)`` returning a `RemoteSession` or None. A runtime
+        has at most one, `runtime.directory`. The session routes ask it for a
+        session this server's memory does not hold, before the store: reading,
+        following, stopping and deleting then work on any server.
+    """
+
+
+@hookspec
 def register_authenticators(register, runtime):
     """Authenticate the requests of `/v1` routes (contract 1.2).
 

@@ -45,6 +45,9 @@ RUNTIME_PUBLIC = {
     "store",
     "authenticates",
     "price",
+    "instance",
+    "instance_id",
+    "directory",
 }
 
 

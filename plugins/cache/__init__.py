@@ -69,8 +69,9 @@ _ERROR_LOG_INTERVAL = 10.0
 @attrs.frozen
 class Settings:
     #: "memory": this process only; "redis": shared by every instance using the
-    #: same redis_url and key_prefix.
-    backend: Literal["memory", "redis"] = "memory"
+    #: same redis_url and key_prefix; "auto": "redis" when `[server] redis_url`
+    #: is set (the deployment's shared Redis), else "memory".
+    backend: Literal["memory", "redis", "auto"] = "auto"
     #: Memory backend: the budget of all entries (their serialized size); the
     #: least recently used entries are evicted beyond it.
     max_bytes: int = attrs.field(default=64 * 1024 * 1024, validator=positive)
@@ -83,7 +84,9 @@ class Settings:
     #: Cache requests that set no temperature (the model's default sampling,
     #: usually random).
     cache_unset_temperature: bool = False
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: The Redis of the redis backend; empty: `[server] redis_url`, else
+    #: redis://127.0.0.1:6379/0.
+    redis_url: str = ""
     #: Every Redis key of the cache starts with this; instances sharing it share entries.
     key_prefix: str = "streamvisor:cache:"
     #: The longest a request waits for the backend (lookup, store); past it the
@@ -94,11 +97,11 @@ class Settings:
     stats_interval_seconds: float = attrs.field(default=15.0, validator=positive)
 
     def __attrs_post_init__(self) -> None:
-        if self.backend == "memory" and self.max_entry_bytes > self.max_bytes:
+        if self.backend != "redis" and self.max_entry_bytes > self.max_bytes:
             raise ValueError(f"max_entry_bytes ({self.max_entry_bytes}) must not exceed max_bytes ({self.max_bytes})")
         if not self.key_prefix:
             raise ValueError("key_prefix must not be empty")
-        if self.backend == "redis" and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
+        if self.redis_url and urlsplit(self.redis_url).scheme not in ("redis", "rediss", "unix"):
             raise ValueError(f"redis_url must be a redis://, rediss:// or unix:// URL, got {redact_url(self.redis_url)!r}")
 
 
@@ -271,23 +274,30 @@ class CachePlugin:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.backend: CacheBackend
-        if settings.backend == "redis":
-            self.backend = RedisBackend(
-                settings.redis_url,
+        self._last_error_log: dict[str, float] = {}
+
+    def _make_backend(self, shared_redis: str) -> CacheBackend:
+        settings = self.settings
+        backend = settings.backend
+        if backend == "auto":
+            backend = "redis" if shared_redis else "memory"
+        if backend == "redis":
+            return RedisBackend(
+                settings.redis_url or shared_redis or "redis://127.0.0.1:6379/0",
                 settings.key_prefix,
                 settings.ttl_seconds,
                 timeout=settings.backend_timeout_seconds,
                 stats_interval=settings.stats_interval_seconds,
             )
-        else:
-            self.backend = MemoryBackend(settings.max_bytes, settings.ttl_seconds)
-        self._last_error_log: dict[str, float] = {}
+        return MemoryBackend(settings.max_bytes, settings.ttl_seconds)
 
     # -- hooks -------------------------------------------------------------------
 
     @hookimpl
     def register_event_types(self, register, runtime):
         self.runtime = runtime
+        # The first hook: the backend depends on the deployment's shared Redis.
+        self.backend = self._make_backend(runtime.config.server.redis_url)
         self.metrics = CacheMetrics.create(runtime.metrics, self.backend.name)
         self.backend.watch(self.metrics)
         register("cache_hit", "a cached answer is replayed instead of calling the provider (data: key, backend, age_seconds, chunks)")
@@ -458,9 +468,13 @@ class CachePlugin:
             with trio.fail_after(max(1.0, self.settings.backend_timeout_seconds)):
                 return await self.backend.ping()
         except trio.TooSlowError:
-            return Health(False, {"backend": self.backend.name, "error": "no answer in time"})
+            error = "no answer in time"
         except Exception as exc:
-            return Health(False, {"backend": self.backend.name, "error": f"{type(exc).__name__}: {exc}"})
+            error = f"{type(exc).__name__}: {exc}"
+        # Degraded, still ready: a request without the cache is served all the
+        # same, and taking every instance out of a load balancer because their
+        # shared Redis went away would turn a slower service into none.
+        return Health(True, {"backend": self.backend.name, "error": error, "degraded": "requests are served uncached until the backend answers"})
 
     async def status(self) -> dict[str, Any]:
         metrics = self.metrics

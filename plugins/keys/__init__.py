@@ -232,7 +232,12 @@ class KeysPlugin:
         register(self.gate)
 
     @hookimpl
-    def register_routes(self, register: Any) -> None:
+    def register_routes(self, register: Any, runtime: Any) -> None:
+        # The first hook that sees the runtime (routes come before services):
+        # without a redis_url of its own, the deployment's shared one counts.
+        shared = runtime.config.server.redis_url
+        if not self.settings.redis_url and shared and not isinstance(self.limiter, RedisLimiter):
+            self.limiter = RedisLimiter(shared, self.settings.key_prefix, self.settings.lease_seconds, self.settings.redis_timeout)
         register("/admin/keys", require_admin(self.create_view), methods=("POST",), openapi=_op("Create an API key; the secret is in this answer only", 201))
         register("/admin/keys", require_admin(self.list_view), openapi=_op("List API keys"))
         register("/admin/keys/<key_id>", require_admin(self.show_view), openapi=_op("An API key with its spend and usage"))

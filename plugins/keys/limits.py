@@ -31,8 +31,10 @@ from typing import Any
 
 import attrs
 
+from streamvisor.hooks import RedisScript as Script
+from streamvisor.hooks import RespClient
+
 from .records import Limits
-from .resp import RespClient, Script
 
 #: Seconds a request or a token counts against a per-minute limit.
 WINDOW = 60

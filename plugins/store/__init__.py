@@ -58,7 +58,7 @@ from streamvisor.hooks import (
 )
 
 from . import queries
-from .db import Conflict, Database, StoreUnavailable, Target, owner_name, parse_url
+from .db import Conflict, Database, StoreUnavailable, Target, parse_url
 
 log = logging.getLogger("streamvisor.store")
 
@@ -188,6 +188,13 @@ class Store:
     async def delete(self, session_id: str) -> bool:
         return await self._plugin.delete(session_id)
 
+    async def interrupt(self, owner: str) -> list[str]:
+        """Mark the live sessions of server `owner` (a `Runtime.instance_id`
+        that died) `interrupted`, with their output so far and their usage
+        recorded once (contract 1.3: what the cluster plugin calls when a
+        server stops beating). Returns their ids; a second call finds none."""
+        return await self._run(queries.recover, owner, write=True)
+
     async def usage(
         self,
         model: str | None,
@@ -263,6 +270,7 @@ class StorePlugin:
         self.db: Database | None = None
         self.target: Target | None = None
         self.owner = ""
+        self.owner_name = ""
         self.schema_version = 0
         self.recovered = 0
         self.readers = trio.CapacityLimiter(max(2, settings.pool_size))
@@ -301,7 +309,10 @@ class StorePlugin:
             self.target = parse_url(self.settings.url, runtime.config.source)
         except ValueError as exc:
             raise ConfigError(runtime.config.source, "plugins.store.url", "sqlite:///PATH or postgresql://...", str(exc)) from None
-        self.owner = owner_name(runtime.config.server.port)
+        # Sessions are written as this process's; start-up recovers those of the
+        # earlier runs of this server (its name: host and port, and the worker).
+        self.owner = runtime.instance_id
+        self.owner_name = runtime.instance
         registry = runtime.metrics
         self.metrics = _Metrics(
             writes=Counter("streamvisor_store_writes", "Store write batches, by result.", ["result"], registry=registry),
@@ -326,7 +337,7 @@ class StorePlugin:
             db.open()
             applied = db.migrate()
             with db.connection() as conn:
-                recovered = queries.recover(conn, self.owner)
+                recovered = queries.recover(conn, self.owner_name, every_run=True)
             return applied, recovered, db.status()["current"]
 
         try:

@@ -12,7 +12,6 @@ SQL is written once, with `?` placeholders, in the subset both databases accept
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import time
@@ -265,9 +264,3 @@ def _is_unique_violation(exc: BaseException) -> bool:
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-def owner_name(port: int) -> str:
-    """This server as the owner of the sessions it runs (host and port): recovery
-    at start-up marks only its own live sessions interrupted."""
-    return f"{os.uname().nodename}:{port}"

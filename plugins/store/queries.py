@@ -120,17 +120,24 @@ def write(conn: Conn, sessions: Sequence[Sequence[Any]], chunks: Sequence[Sequen
     _insert_many(conn, "usage_records", USAGE_COLUMNS, records, "ON CONFLICT (session_id) DO NOTHING")
 
 
-def recover(conn: Conn, owner: str) -> list[str]:
-    """Mark this owner's sessions that were live when its process died
-    `interrupted`, keeping the output they reached, and record their usage:
-    the counts they had, else estimates (never exact: the stream was cut)."""
-    ids = [row[0] for row in conn.all("SELECT id FROM sessions WHERE state IN ('pending', 'running') AND owner = ?", (owner,))]
+def recover(conn: Conn, owner: str, *, every_run: bool = False) -> list[str]:
+    """Mark the sessions of `owner` (a `Runtime.instance_id`) that were live
+    when its process died `interrupted`, keeping the output they reached, and
+    record their usage: the counts they had, else estimates (never exact: the
+    stream was cut). With `every_run`, `owner` is an instance *name*, and the
+    sessions of every earlier run of it count (start-up: its own)."""
+    if every_run:
+        # The name alone (rows from before contract 1.3), or the name, "@" and a tag.
+        where, args = "(owner = ? OR (owner > ? AND owner < ?))", (owner, owner + "@", owner + "A")
+    else:
+        where, args = "owner = ?", (owner,)
+    ids = [row[0] for row in conn.all(f"SELECT id FROM sessions WHERE state IN ('pending', 'running') AND {where}", args)]
     for session_id in ids:
         conn.execute(
             "UPDATE sessions SET state = 'interrupted', finished_at = updated_at, duration_ms = (updated_at - created_at) * 1000,"
             " prompt_tokens = COALESCE(prompt_tokens, prompt_estimate),"
             " completion_tokens = CASE WHEN completion_tokens IS NULL OR completion_tokens * 4 < output_chars THEN (output_chars + 3) / 4 ELSE completion_tokens END,"
-            " reasoning_tokens = COALESCE(reasoning_tokens, 0), usage_exact = 0 WHERE id = ?",
+            " reasoning_tokens = COALESCE(reasoning_tokens, 0), usage_exact = 0 WHERE id = ? AND state IN ('pending', 'running')",
             (session_id,),
         )
         conn.execute(

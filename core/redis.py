@@ -1,4 +1,6 @@
-"""A small Redis client on trio sockets: just what the limits need.
+"""A small Redis client on trio sockets, public to plugins (contract 1.3) as
+`streamvisor.hooks.RespClient`: the keys plugin's limits and the cluster plugin
+use it, and a third party's plugin may.
 
 Why not coredis, which the cache plugin uses? Measured on this machine, one
 `EVAL` through coredis cost the gateway about 0.65 ms of CPU; the same call on
@@ -6,7 +8,7 @@ a plain trio socket about 0.09 ms. The limits make one or two calls per
 request, so at concurrency 32 coredis alone cost more than the 10 % the keys
 plugin may cost in all (docs/performance.md, "Keys").
 
-What it does: RESP2 commands on a pool of connections (each used by one caller
+What it does: RESP2 commands (`execute`) and pipelines of them (`pipeline`) on a pool of connections (each used by one caller
 at a time, so replies never need matching), `EVALSHA` of scripts loaded on
 first use (and again after `NOSCRIPT`, when Redis restarted), `AUTH` and
 `SELECT` from the URL, TLS for `rediss://`. A connection on which anything
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import ssl
-from typing import Any
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Sequence
 from urllib.parse import unquote, urlsplit
 
 import trio
@@ -32,6 +35,8 @@ class RedisError(Exception):
 
 
 class Script:
+    """A Lua script, run with `RespClient.run` by its SHA1 (loaded when needed)."""
+
     def __init__(self, source: str) -> None:
         self.source = source.encode()
         self.sha = hashlib.sha1(self.source).hexdigest().encode()
@@ -101,12 +106,46 @@ class _Connection:
 
     async def call(self, payload: bytes) -> Any:
         await self.stream.send_all(payload)
+        return await self.reply()
+
+    async def reply(self) -> Any:
+        """The next reply; an error reply raises `RedisError`."""
         reply = await self._reply()
         del self.buf[: self.pos]
         self.pos = 0
         if isinstance(reply, RedisError):
             raise reply
         return reply
+
+    async def replies(self, payload: bytes, count: int) -> list[Any]:
+        """Send a pipeline and read its `count` replies; an error reply is in
+        the list as a `RedisError`, not raised (the others still count)."""
+        await self.stream.send_all(payload)
+        out = []
+        for _ in range(count):
+            out.append(await self._reply())
+        del self.buf[: self.pos]
+        self.pos = 0
+        return out
+
+
+class Connection:
+    """A connection of its own, out of the pool, for what holds a connection:
+    a blocking read (`XREAD BLOCK`) or a subscription. No timeout applies but
+    the caller's; a failure closes it for good."""
+
+    def __init__(self, connection: _Connection) -> None:
+        self._connection = connection
+
+    async def execute(self, *args: Any) -> Any:
+        return await self._connection.call(_encode(args))
+
+    async def send(self, *args: Any) -> None:
+        await self._connection.stream.send_all(_encode(args))
+
+    async def reply(self) -> Any:
+        """The next reply (a message, on a subscribed connection)."""
+        return await self._connection.reply()
 
 
 class RespClient:
@@ -181,6 +220,43 @@ class RespClient:
             raise
         await self._give_back(connection)
         return reply
+
+    async def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Several commands in one round trip, on one connection, within the
+        timeout. Their replies come back in order; an error reply is a
+        `RedisError` in the list (Redis ran the others all the same)."""
+        if not commands:
+            return []
+        if self.closed:
+            raise ConnectionError("the Redis client is closed")
+        payload = b"".join(_encode(tuple(command)) for command in commands)
+        while not self._idle and self._open >= self._max:
+            await self._returned.wait()
+        connection = self._idle.pop() if self._idle else None
+        if connection is None:
+            self._open += 1
+        try:
+            with trio.fail_after(self.timeout):
+                if connection is None:
+                    connection = await self._connect()
+                replies = await connection.replies(payload, len(commands))
+        except BaseException:
+            await self._drop(connection)
+            raise
+        await self._give_back(connection)
+        return replies
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[Connection]:
+        """A connection of its own (not from the pool, not counted in it),
+        closed on leaving: for blocking commands and subscriptions. Opening it
+        takes at most the timeout."""
+        with trio.fail_after(self.timeout):
+            connection = await self._connect()
+        try:
+            yield Connection(connection)
+        finally:
+            await trio.aclose_forcefully(connection.stream)
 
     async def _give_back(self, connection: _Connection) -> None:
         if self.closed:

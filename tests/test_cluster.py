@@ -1,0 +1,318 @@
+"""The cluster plugin with two real server processes, the machine's Redis and
+PostgreSQL: stop, follow and read a session through the instance that does not
+run it; kill -9 of an instance; one rate limit and one cache for both; and a
+Redis of our own that goes away and comes back (degraded mode)."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from contextlib import closing, contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+import openai
+import pytest
+
+from .conftest import CI
+from .test_keys import FOX_INPUT, FOX_OUTPUT, redis_reachable
+from .test_store import MODELS, serve_process
+
+ADMIN_KEY = "cluster-test-admin-key"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture(autouse=True)
+def admin_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMVISOR_ADMIN_KEY", ADMIN_KEY)
+
+
+@pytest.fixture
+def redis() -> str:
+    if not redis_reachable():
+        if CI:
+            pytest.fail("Redis is not reachable at 127.0.0.1:6379, and CI must run the cluster tests")
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379")
+    return "redis://127.0.0.1:6379/0"
+
+
+def cluster_toml(store: str, redis_url: str, prefix: str, cluster: str = "", extra: str = "") -> str:
+    return f"""
+[server]
+port = 0
+log_level = "info"
+session_retention_seconds = 30
+redis_url = "{redis_url}"
+
+[plugins.cache]
+
+[plugins.store]
+url = "{store}"
+
+[plugins.cluster]
+key_prefix = "{prefix}cluster:"
+beat_seconds = 0.5
+dead_after_seconds = 3
+{cluster}
+
+[plugins.usage]
+[plugins.health]
+{extra}
+{MODELS}
+"""
+
+
+@contextmanager
+def two_instances(tmp_path: Path, store: str, redis_url: str, cluster: str = "", extra: str = "") -> Iterator[tuple[list[subprocess.Popen], list[str]]]:
+    prefix = f"test-{secrets.token_hex(4)}:"
+    config = tmp_path / "plugins.toml"
+    config.write_text(cluster_toml(store, redis_url, prefix, cluster, extra).replace("{prefix}", prefix))
+    procs: list[subprocess.Popen] = []
+    urls: list[str] = []
+    try:
+        for _ in range(2):
+            proc, url = serve_process(config)
+            procs.append(proc)
+            urls.append(url)
+        wait_for_members(urls[0], 2)
+        yield procs, urls
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_for_members(url: str, count: int, timeout: float = 10) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = httpx.get(f"{url}/admin/cluster", headers=ADMIN).json()
+        if len(body["members"]) == count:
+            return body
+        assert time.monotonic() < deadline, body
+        time.sleep(0.1)
+
+
+def background(url: str, model: str = "slow") -> str:
+    r = httpx.post(f"{url}/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}], "background": True})
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def events(body: str) -> list[tuple[int | None, str]]:
+    out = []
+    for block in body.split("\n\n"):
+        ident, data = None, []
+        for line in block.split("\n"):
+            if line.startswith("id: "):
+                ident = int(line[4:])
+            elif line.startswith("data: "):
+                data.append(line[6:])
+        if data:
+            out.append((ident, "\n".join(data)))
+    return out
+
+
+def test_a_stream_started_on_a_is_stopped_through_b_and_ends_stopped_on_a(postgres_url, redis, tmp_path):
+    with two_instances(tmp_path, postgres_url, redis) as (_, (a, b)):
+        client = openai.OpenAI(base_url=f"{a}/v1", api_key="unused", max_retries=0)
+        stream = client.chat.completions.with_streaming_response.create(
+            model="slow", messages=[{"role": "user", "content": "go"}], stream=True
+        )
+        with stream as response:
+            session_id = response.headers["X-Session-ID"]
+            chunks = response.parse()
+            seen = []
+            stopped_at = None
+            for chunk in chunks:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    seen.append(chunk.choices[0].delta.content)
+                if len(seen) == 5 and stopped_at is None:
+                    r = httpx.post(f"{b}/v1/sessions/{session_id}/stop")
+                    stopped_at = len(seen)
+                    assert r.status_code == 200, r.text
+                    body = r.json()
+                    assert body["delivered"] is True and body["stopped"] is True
+                    assert body["state"] == "stopped" and body["id"] == session_id
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    finish = chunk.choices[0].finish_reason
+        assert finish == "stopped"
+        assert stopped_at is not None
+        # Both instances tell the same story; B asks A.
+        assert httpx.get(f"{b}/v1/sessions/{session_id}").json()["state"] == "stopped"
+        completion = httpx.get(f"{b}/v1/sessions/{session_id}/completion").json()
+        assert completion["choices"][0]["finish_reason"] == "stopped"
+        assert completion["choices"][0]["message"]["content"].startswith("".join(seen))
+        # A stop of a session nobody has is a 404 on either.
+        assert httpx.post(f"{b}/v1/sessions/sess_{'0' * 24}/stop").status_code == 404
+
+
+def test_a_background_stream_started_on_a_is_followed_from_b_with_last_event_id_without_gap_or_duplicate(postgres_url, redis, tmp_path):
+    with two_instances(tmp_path, postgres_url, redis) as (_, (a, b)):
+        session_id = background(a, "count")
+        # Follow from B, drop the connection after a few chunks, resume with Last-Event-ID.
+        got: list[tuple[int, str]] = []
+        with httpx.stream("GET", f"{b}/v1/sessions/{session_id}/stream", timeout=10) as response:
+            assert response.status_code == 200
+            buffer = ""
+            for text in response.iter_text():
+                buffer += text
+                complete = buffer.rsplit("\n\n", 1)[0]
+                parsed = [(i, d) for i, d in events(complete) if i is not None]
+                if len(parsed) >= 6:
+                    got = parsed[:6]
+                    break
+        last = got[-1][0]
+        r = httpx.get(f"{b}/v1/sessions/{session_id}/stream", headers={"Last-Event-ID": str(last)}, timeout=20)
+        rest = events(r.text)
+        ids = [i for i, _ in got] + [i for i, _ in rest if i is not None]
+        assert ids == list(range(len(ids))), ids  # no gap, no duplicate
+        text = "".join(json.loads(d)["choices"][0]["delta"].get("content") or "" for _, d in got + rest if d != "[DONE]" and json.loads(d).get("choices"))
+        assert text == "w00 w01 w02 w03 w04 w05 w06 w07 w08 w09 w10 w11 w12 w13 w14 w15 w16 w17 w18 w19 w20 w21 w22 w23 w24 w25 w26 w27 w28 w29"
+        assert rest[-1][1] == "[DONE]"
+        # The same ids as on A itself.
+        on_a = [i for i, _ in events(httpx.get(f"{a}/v1/sessions/{session_id}/stream", timeout=20).text) if i is not None]
+        assert on_a == ids
+
+
+def test_kill_9_of_a_marks_its_session_interrupted_through_b_within_15_s_with_usage_once(postgres_url, redis, tmp_path):
+    with two_instances(tmp_path, postgres_url, redis) as (procs, (a, b)):
+        session_id = background(a)
+        # A follower on B sees chunks live, then the end.
+        follower: dict = {}
+
+        def follow() -> None:
+            r = httpx.get(f"{b}/v1/sessions/{session_id}/stream", timeout=30)
+            follower["events"] = events(r.text)
+
+        thread = threading.Thread(target=follow)
+        thread.start()
+        time.sleep(1.0)
+        procs[0].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        procs[0].wait(timeout=10)
+        deadline = killed + 15
+        while True:
+            state = httpx.get(f"{b}/v1/sessions/{session_id}").json().get("state")
+            stored = httpx.get(f"{b}/v1/sessions", params={"state": "interrupted"}, headers=ADMIN).json()["data"]
+            if any(s["id"] == session_id for s in stored):
+                break
+            assert time.monotonic() < deadline, state
+            time.sleep(0.2)
+        marked_after = time.monotonic() - killed
+        assert marked_after < 15
+        thread.join(timeout=20)
+        got = follower["events"]
+        assert len(got) > 10, got[:3]
+        ids = [i for i, _ in got if i is not None]
+        assert ids == list(range(len(ids)))
+        error = json.loads(got[-1][1])["error"]
+        assert error["code"] == "session_interrupted"
+        # The usage ledger has it exactly once.
+        records = httpx.get(f"{b}/v1/usage/sessions", params={"limit": 100}, headers=ADMIN).json()["data"]
+        mine = [r for r in records if r["session_id"] == session_id]
+        assert len(mine) == 1 and mine[0]["outcome"] == "interrupted" and mine[0]["completion_tokens"] > 0
+        # B lists itself alone now, and says whom it reaped.
+        cluster = wait_for_members(b, 1)
+        assert any(r["sessions"] == 1 for r in cluster["reaped"])
+
+
+def test_rpm_across_both_instances_holds_as_one_limit_and_a_cache_entry_from_a_is_a_hit_on_b(postgres_url, redis, tmp_path):
+    keys = f"""
+[plugins.keys]
+[plugins.pricing]
+[plugins.pricing.prices.fox]
+input = {FOX_INPUT}
+output = {FOX_OUTPUT}
+"""
+    # keys before store in plugins.toml order does not matter for this test
+    with two_instances(tmp_path, postgres_url, redis, extra=keys) as (_, (a, b)):
+        r = httpx.post(f"{a}/admin/keys", headers=ADMIN, json={"name": "ci", "identity": "ci", "rpm_limit": 6})
+        assert r.status_code == 201, r.text
+        secret = r.json()["secret"]
+        auth = {"Authorization": f"Bearer {secret}"}
+        body = {"model": "fox", "messages": [{"role": "user", "content": "same question"}], "temperature": 0}
+        statuses, caches = [], []
+        for i in range(12):
+            r = httpx.post(f"{(a, b)[i % 2]}/v1/chat/completions", headers=auth, json=body)
+            statuses.append(r.status_code)
+            caches.append(r.headers.get("X-Cache"))
+        assert statuses.count(200) == 6 and statuses.count(429) == 6, statuses
+        # The first answer (through A) was stored; B's first request was a hit.
+        assert caches[0] == "miss" and caches[1] == "hit", caches
+
+
+def free_port() -> int:
+    with closing(socket.socket()) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def own_redis(port: int) -> Iterator[subprocess.Popen]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        if CI:
+            pytest.fail("redis-server is not installed, and CI must run the degraded-mode test")
+        pytest.skip("redis-server is not installed")
+    proc = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with closing(socket.create_connection(("127.0.0.1", port), timeout=0.5)):
+                break
+        except OSError:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    try:
+        yield proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_when_redis_goes_away_each_instance_serves_its_own_readiness_says_degraded_and_it_rejoins(tmp_path):
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    store = f"sqlite:///{tmp_path / 'store.db'}"
+    with own_redis(port) as server:
+        with two_instances(tmp_path, store, url) as (_, (a, b)):
+            server.terminate()
+            server.wait(timeout=10)
+            # Each keeps serving its own sessions.
+            for base in (a, b):
+                r = httpx.post(f"{base}/v1/chat/completions", json={"model": "fox", "messages": [{"role": "user", "content": "hi"}]})
+                assert r.status_code == 200, r.text
+                session_id = r.headers["X-Session-ID"]
+                assert httpx.get(f"{base}/v1/sessions/{session_id}").json()["state"] == "completed"
+            deadline = time.monotonic() + 10
+            while True:
+                ready = httpx.get(f"{a}/health/ready")
+                check = next(c for c in ready.json()["checks"] if c["name"] == "cluster:redis")
+                if check["detail"]["redis"] != "ok":
+                    break
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+            assert ready.status_code == 200 and check["ok"] is True
+            assert "serves its own sessions" in check["detail"]["degraded"]
+            # Redis comes back (empty): both rejoin without a restart.
+            with own_redis(port):
+                body = wait_for_members(a, 2, timeout=20)
+                assert {m["id"] for m in body["members"]} == {m["id"] for m in wait_for_members(b, 2)["members"]}
+                session_id = background(a, "count")
+                time.sleep(0.1)
+                r = httpx.post(f"{b}/v1/sessions/{session_id}/stop")
+                assert r.status_code == 200 and r.json()["delivered"] is True
