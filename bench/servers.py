@@ -217,7 +217,12 @@ def gateway_config(
 
 
 def start_streamvisor(
-    workdir: Path, config_text: str, name: str = "streamvisor", timeout: float = START_TIMEOUT, ready_headers: dict[str, str] | None = None
+    workdir: Path,
+    config_text: str,
+    name: str = "streamvisor",
+    timeout: float = START_TIMEOUT,
+    ready_headers: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
 ) -> Proc:
     """`streamvisor serve --config <generated> --port <free port>`, ready once it
     answers GET /v1/models (at log level warning it prints no `listening on`
@@ -226,7 +231,7 @@ def start_streamvisor(
     config.write_text(config_text)
     for attempt in range(3):
         port = free_port()
-        proc = Proc(name, [STREAMVISOR, "serve", "--config", str(config), "--port", str(port)], workdir)
+        proc = Proc(name, [STREAMVISOR, "serve", "--config", str(config), "--port", str(port), *(extra_args or [])], workdir)
         proc.port = port
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and proc.alive():

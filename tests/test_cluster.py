@@ -53,6 +53,7 @@ session_retention_seconds = 30
 redis_url = "{redis_url}"
 
 [plugins.cache]
+key_prefix = "{prefix}cache:"
 
 [plugins.store]
 url = "{store}"
@@ -74,7 +75,7 @@ dead_after_seconds = 3
 def two_instances(tmp_path: Path, store: str, redis_url: str, cluster: str = "", extra: str = "") -> Iterator[tuple[list[subprocess.Popen], list[str]]]:
     prefix = f"test-{secrets.token_hex(4)}:"
     config = tmp_path / "plugins.toml"
-    config.write_text(cluster_toml(store, redis_url, prefix, cluster, extra).replace("{prefix}", prefix))
+    config.write_text(cluster_toml(store, redis_url, prefix, cluster, extra.replace("{prefix}", prefix)))
     procs: list[subprocess.Popen] = []
     urls: list[str] = []
     try:
@@ -233,6 +234,7 @@ def test_kill_9_of_a_marks_its_session_interrupted_through_b_within_15_s_with_us
 def test_rpm_across_both_instances_holds_as_one_limit_and_a_cache_entry_from_a_is_a_hit_on_b(postgres_url, redis, tmp_path):
     keys = f"""
 [plugins.keys]
+key_prefix = "{{prefix}}keys:"
 [plugins.pricing]
 [plugins.pricing.prices.fox]
 input = {FOX_INPUT}
@@ -245,14 +247,22 @@ output = {FOX_OUTPUT}
         secret = r.json()["secret"]
         auth = {"Authorization": f"Bearer {secret}"}
         body = {"model": "fox", "messages": [{"role": "user", "content": "same question"}], "temperature": 0}
-        statuses, caches = [], []
+        statuses, caches, sessions = [], [], []
         for i in range(12):
             r = httpx.post(f"{(a, b)[i % 2]}/v1/chat/completions", headers=auth, json=body)
             statuses.append(r.status_code)
             caches.append(r.headers.get("X-Cache"))
+            sessions.append(r.headers.get("X-Session-ID"))
         assert statuses.count(200) == 6 and statuses.count(429) == 6, statuses
         # The first answer (through A) was stored; B's first request was a hit.
         assert caches[0] == "miss" and caches[1] == "hit", caches
+        # Through B, A's session is its key's to read, and nobody else's.
+        r = httpx.post(f"{a}/admin/keys", headers=ADMIN, json={"name": "other", "identity": "other"})
+        other = {"Authorization": f"Bearer {r.json()['secret']}"}
+        assert httpx.get(f"{b}/v1/sessions/{sessions[0]}", headers=auth).json()["identity"] == "ci"
+        hidden = httpx.get(f"{b}/v1/sessions/{sessions[0]}", headers=other)
+        assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "not_found"
+        assert httpx.post(f"{b}/v1/sessions/{sessions[0]}/stop", headers=other).status_code == 404
 
 
 def free_port() -> int:
@@ -316,3 +326,22 @@ def test_when_redis_goes_away_each_instance_serves_its_own_readiness_says_degrad
                 time.sleep(0.1)
                 r = httpx.post(f"{b}/v1/sessions/{session_id}/stop")
                 assert r.status_code == 200 and r.json()["delivered"] is True
+
+
+def test_a_plain_stream_on_a_is_followed_from_b_on_demand_and_deleted_through_b(postgres_url, redis, tmp_path):
+    with two_instances(tmp_path, postgres_url, redis) as (_, (a, b)):
+        # Not background: nothing is published until a follower on B asks A.
+        with httpx.stream(
+            "POST", f"{a}/v1/chat/completions", json={"model": "count", "messages": [{"role": "user", "content": "x"}], "stream": True}, timeout=20
+        ) as own:
+            session_id = own.headers["X-Session-ID"]
+            followed = httpx.get(f"{b}/v1/sessions/{session_id}/stream", timeout=20)
+            original = own.read().decode()
+        theirs = [(i, d) for i, d in events(followed.text) if i is not None]
+        mine = [(i, d) for i, d in events(original) if i is not None]
+        assert [i for i, _ in theirs] == [i for i, _ in mine] == list(range(len(mine)))
+        assert [json.loads(d)["choices"] for _, d in theirs] == [json.loads(d)["choices"] for _, d in mine]
+        # Another caller's view goes through A too; deleting through B deletes it everywhere.
+        assert httpx.delete(f"{b}/v1/sessions/{session_id}").json()["deleted"] is True
+        assert httpx.get(f"{a}/v1/sessions/{session_id}").status_code == 410
+        assert httpx.get(f"{b}/v1/sessions/{session_id}").status_code == 410

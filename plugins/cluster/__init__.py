@@ -164,6 +164,9 @@ class ClusterPlugin:
         registry = runtime.metrics
         self.commands = Counter("streamvisor_cluster_commands", "Commands sent to other instances, by operation and result.", ["op", "result"], registry=registry)
         self.redis_errors = Counter("streamvisor_cluster_redis_errors", "Redis calls of the cluster plugin that failed, by task.", ["task"], registry=registry)
+        self.calls = Counter(
+            "streamvisor_cluster_redis_calls", "Round trips to Redis of the cluster plugin (a pipeline counts once), by task.", ["task"], registry=registry
+        )
         self.reaped_count = Counter("streamvisor_cluster_reaped_sessions", "Sessions of dead instances this one marked interrupted.", registry=registry)
         register(self.track)
 
@@ -362,6 +365,7 @@ class ClusterPlugin:
             progress.append((published, count, finished))
         if not commands:
             return
+        self.calls.labels("publisher").inc()
         replies = await self.client.pipeline(commands)
         errors = [reply for reply in replies if isinstance(reply, Exception)]
         for session_id, entry in written:
@@ -400,6 +404,7 @@ class ClusterPlugin:
         ttl_ms = int(self.settings.dead_after_seconds * 1000)
         while True:
             try:
+                self.calls.labels("beat").inc(3)  # the beat, and the members' list and beats
                 await self.client.pipeline(
                     [("SET", self.key("member", self.instance_id), orjson.dumps(self.beat()), "PX", ttl_ms), ("SADD", members, self.instance_id)]
                 )
@@ -593,6 +598,7 @@ class ClusterPlugin:
         try:
             message = orjson.dumps({"op": op, "sid": session_id, "rid": rid, "from": self.instance_id})
             try:
+                self.calls.labels("command").inc()
                 receivers = await self.client.execute("PUBLISH", self.key("cmd", owner), message)
             except Exception as exc:
                 raise self.unavailable(exc) from None
@@ -610,6 +616,7 @@ class ClusterPlugin:
 
     async def find(self, session_id: str) -> Remote | None:
         try:
+            self.calls.labels("directory").inc()
             raw = await self.client.execute("GET", self.key("dir", session_id))
         except Exception as exc:
             self._failed("directory", exc)
