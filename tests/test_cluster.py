@@ -341,6 +341,9 @@ def test_a_plain_stream_on_a_is_followed_from_b_on_demand_and_deleted_through_b(
         mine = [(i, d) for i, d in events(original) if i is not None]
         assert [i for i, _ in theirs] == [i for i, _ in mine] == list(range(len(mine)))
         assert [json.loads(d)["choices"] for _, d in theirs] == [json.loads(d)["choices"] for _, d in mine]
+        # Finished, its buffer let go on A: a follower on B gets it from the store, whole.
+        again = [(i, d) for i, d in events(httpx.get(f"{b}/v1/sessions/{session_id}/stream", timeout=20).text) if i is not None]
+        assert again == theirs
         # Another caller's view goes through A too; deleting through B deletes it everywhere.
         assert httpx.delete(f"{b}/v1/sessions/{session_id}").json()["deleted"] is True
         assert httpx.get(f"{a}/v1/sessions/{session_id}").status_code == 410

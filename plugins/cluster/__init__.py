@@ -139,6 +139,8 @@ class ClusterPlugin:
         self._waiting: dict[str, _Waiting] = {}
         self._handlers = 0
         self._wake = trio.Event()
+        #: One publish at a time (the service's, and the shutdown's last one).
+        self._publish_lock = trio.Lock()
         self._subscribed = False
         self._down_since: float | None = None
         self._last_error = ""
@@ -204,7 +206,8 @@ class ClusterPlugin:
 
     @hookimpl
     async def shutdown(self) -> None:
-        # Every session has ended: publish their ends, then leave.
+        # Every session has ended: publish their ends, then leave. Bounded: a
+        # Redis that hangs must not eat the server's whole grace period.
         with trio.move_on_after(2):
             for _ in range(3):
                 if not self._published and not self._entries:
@@ -215,9 +218,10 @@ class ClusterPlugin:
                 await self.client.pipeline([("DEL", self.key("member", self.instance_id)), ("SREM", self.key("members"), self.instance_id)])
             except Exception as exc:
                 self._failed("leave", exc)
-        for published in self._published.values():
-            published.session.unhold()
-        self._published.clear()
+            async with self._publish_lock:
+                for published in self._published.values():
+                    published.session.unhold()
+                self._published.clear()
         await self.client.aclose()
 
     # -- keys and errors -----------------------------------------------------------------
@@ -333,6 +337,10 @@ class ClusterPlugin:
     async def publish_once(self) -> None:
         """One pipeline: the new directory entries, the new chunks of every
         published session, and the ends of those that finished."""
+        async with self._publish_lock:
+            await self._publish_batch()
+
+    async def _publish_batch(self) -> None:
         commands: list[tuple[Any, ...]] = []
         entries = self._entries
         ttl = int(self.settings.directory_ttl_seconds)
@@ -374,9 +382,10 @@ class ClusterPlugin:
         for published, count, finished in progress:
             published.sent = count
             published.expires = True
-            if finished:
+            # Given up meanwhile (Redis was away for long): unheld already.
+            if finished and self._published.get(published.session.id) is published:
                 published.session.unhold()
-                self._published.pop(published.session.id, None)
+                del self._published[published.session.id]
         if errors:
             # An entry id out of order (a stream another instance wrote first, say):
             # counted, never retried as is.
@@ -554,7 +563,9 @@ class ClusterPlugin:
         if op == "publish":
             if self._publish(session):
                 return {"published": True}
-            return {"published": False, "error": "its first chunks are no longer in the memory of the instance running it"}
+            whole = not session.dropped_chunks
+            why = "its first chunks are no longer in the memory of the instance running it" if not whole else "the cluster's Redis is away"
+            return {"published": False, "whole": whole, "error": why}
         if op == "completion":
             deltas = None
             if session.dropped_chunks:
@@ -579,6 +590,8 @@ class ClusterPlugin:
             "created_at": session.created_at,
             "include_usage": session.request.include_usage,
             "published": session.id in self._published,
+            # Whether its buffer still holds its first chunk (so it can be published).
+            "whole": not session.dropped_chunks,
         }
 
     async def ask(self, owner: str, op: str, session_id: str) -> tuple[bool, dict[str, Any] | None]:

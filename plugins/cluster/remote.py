@@ -101,6 +101,11 @@ class Remote:
         key = plugin.key("chunks", self.id)
         if not self.published and not self.orphan:
             delivered, reply = await plugin.ask(self.owner, "publish", self.id)
+            if delivered and reply and reply.get("whole") is False and plugin.runtime.store is not None:
+                # Finished, and its buffer let go on its owner: the store has it.
+                async for item in self._replay(offset):
+                    yield item
+                return
             if not delivered or not reply or not reply.get("published"):
                 why = (reply or {}).get("error") or f"the instance running it ({self.owner}) did not answer"
                 yield APIError(f"Session '{self.id}' cannot be followed from here: {why}.", status=503, type="server_error", code="instance_unavailable")
@@ -172,6 +177,28 @@ class Remote:
         finally:
             if watch is not None:
                 plugin.reader.unwatch(watch)
+
+
+    async def _replay(self, offset: int) -> AsyncIterator[Any]:
+        """A finished session's chunks from the store, once its owner has
+        written them all (it writes within its flush interval)."""
+        store = self.plugin.runtime.store
+        deadline = trio.current_time() + 5
+        while True:
+            stored = await store.get(self.id)
+            if stored is not None and stored.finished and stored.chunks >= int(self.info.get("chunks") or 0):
+                break
+            if trio.current_time() > deadline:
+                yield APIError(f"The store does not hold all of session '{self.id}' yet; try again.", status=503, type="server_error", code="transcript_incomplete")
+                return
+            await trio.sleep(0.1)
+        while offset < stored.chunks:
+            batch = await store.chunks(self.id, offset, PAGE)
+            if not batch:
+                break
+            yield offset, batch
+            offset += len(batch)
+        yield stored
 
 
 class Watch:
