@@ -1,7 +1,9 @@
 """The `streamvisor` command: serve, chat, plugins, db, new-plugin.
 
-`serve` reads plugins.toml (or builds a config from `--upstream`), starts the
-runtime and serves the API with hypercorn's trio worker until SIGINT/SIGTERM.
+`serve` reads plugins.toml (or builds a config from `--upstream`), binds the
+listening socket, starts the runtime and serves the API with hypercorn's trio
+worker until SIGINT/SIGTERM; `serve --workers N` runs N such processes on one
+socket under a supervisor (core/workers.py).
 `chat` runs a completion in-process (or against `--url`) and streams it to the
 terminal. `plugins` lists what plugins.toml loads. `new-plugin` writes a plugin package.
 """
@@ -11,7 +13,9 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -80,17 +84,41 @@ class Listening:
     app: Any = None
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host`:`port` and listening (port 0: a free one),
+    with the options hypercorn sets on the sockets it binds itself."""
+    from hypercorn.config import Config as HypercornConfig
+
+    host = host.strip("[]")
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(HypercornConfig.backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 async def serve(
     config: StreamvisorConfig,
     *,
     task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED,
     shutdown: trio.Event | None = None,
     plugins: dict[str, Any] | None = None,
+    listen_fd: int | None = None,
+    worker: int | None = None,
 ) -> None:
     """Run the runtime and the HTTP server until `shutdown` is set (or cancelled).
 
-    Reports where it listens, and the runtime, through `task_status` (the port
-    may be 0, meaning any free one).
+    Binds `[server] host` and `port` before the runtime opens, so that with
+    port 0 the runtime (and its plugins) see the real port in
+    `config.server.port`. Reports where it listens, and the runtime, through
+    `task_status`. A worker of `serve --workers` passes the listening socket it
+    inherited (`listen_fd`, which it then owns) and its index (`worker`), which
+    names it: `Runtime.instance` is host:port, plus "/wN" for worker N.
     """
     from hypercorn.config import Config as HypercornConfig
     from hypercorn.trio import serve as hypercorn_serve
@@ -100,29 +128,53 @@ async def serve(
 
     if shutdown is None:
         shutdown = trio.Event()
-    async with Runtime.open(config, plugins=plugins) as runtime:
-        app = create_app(runtime)
-        hconfig = HypercornConfig()
-        host = config.server.host
-        hconfig.bind = [f"[{host}]:{config.server.port}" if ":" in host else f"{host}:{config.server.port}"]
-        hconfig.accesslog = None
-        hconfig.errorlog = logging.getLogger("hypercorn.error")
-        hconfig.graceful_timeout = config.server.shutdown_grace_seconds
-        hconfig.keep_alive_timeout = 75
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(lambda task_status: hypercorn_serve(app, hconfig, shutdown_trigger=shutdown.wait, task_status=task_status))
-            url = binds[0].replace("0.0.0.0", "127.0.0.1")
-            models = ", ".join(m.id for m in runtime.providers.models()) or "none"
-            # Its own logger, always at INFO: whatever log_level says, an operator
-            # (or a supervisor that passed --port 0) must learn the address. It
-            # names the address bound, not the one to connect to: a server open
-            # on every interface must not read as if it were on loopback only.
-            logging.getLogger("streamvisor.ready").info("streamvisor listening on %s (models: %s)", binds[0], models)
-            task_status.started(Listening(url, runtime, app))
+    sock = socket.socket(fileno=listen_fd) if listen_fd is not None else listen_socket(config.server.host, config.server.port)
+    with sock:
+        port = sock.getsockname()[1]
+        config = attrs.evolve(config, server=attrs.evolve(config.server, port=port))
+        instance = f"{os.uname().nodename}:{port}" + ("" if worker is None else f"/w{worker}")
+        async with Runtime.open(config, plugins=plugins, instance=instance) as runtime:
+            app = create_app(runtime)
+            hconfig = HypercornConfig()
+            # hypercorn wraps an fd:// in a socket object of its own, which closes
+            # it when it is garbage collected: it gets a duplicate, and `sock` (the
+            # same listening socket) stays ours until it has finished serving.
+            hconfig.bind = [f"fd://{os.dup(sock.fileno())}"]
+            hconfig.accesslog = None
+            hconfig.errorlog = logging.getLogger("hypercorn.error")
+            hconfig.graceful_timeout = config.server.shutdown_grace_seconds
+            hconfig.keep_alive_timeout = 75
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(lambda task_status: hypercorn_serve(app, hconfig, shutdown_trigger=shutdown.wait, task_status=task_status))
+                url = binds[0].replace("0.0.0.0", "127.0.0.1")
+                models = ", ".join(m.id for m in runtime.providers.models()) or "none"
+                # Its own logger, always at INFO: whatever log_level says, an operator
+                # (or a supervisor that passed --port 0) must learn the address. It
+                # names the address bound, not the one to connect to: a server open
+                # on every interface must not read as if it were on loopback only.
+                # A worker's line must not read as the group's: its supervisor says
+                # "listening on" once every worker serves.
+                ready = logging.getLogger("streamvisor.ready")
+                if worker is None:
+                    ready.info("streamvisor listening on %s (models: %s)", binds[0], models)
+                else:
+                    ready.info("streamvisor worker %d serving %s (pid %d, models: %s)", worker, binds[0], os.getpid(), models)
+                task_status.started(Listening(url, runtime, app))
 
 
-async def _serve_until_signal(config: StreamvisorConfig) -> None:
+@attrs.frozen
+class WorkerRole:
+    """What a worker process of `serve --workers` got from its supervisor."""
+
+    index: int
+    listen_fd: int
+    #: Its end of a socket pair with the supervisor (core/workers.py).
+    supervisor_fd: int
+
+
+async def _serve_until_signal(config: StreamvisorConfig, worker: WorkerRole | None = None) -> None:
     shutdown = trio.Event()
+    serving = False
     async with trio.open_nursery() as nursery:
 
         async def watch_signals() -> None:
@@ -130,15 +182,28 @@ async def _serve_until_signal(config: StreamvisorConfig) -> None:
                 async for signum in signals:
                     log.info("received %s: shutting down", signal.Signals(signum).name)
                     shutdown.set()
+                    if not serving:
+                        # Still starting (a model loading, a store connecting): stop that.
+                        nursery.cancel_scope.cancel()
                     return
 
         nursery.start_soon(watch_signals)
 
         async def run(task_status: trio.TaskStatus[Listening] = trio.TASK_STATUS_IGNORED) -> None:
-            await serve(config, shutdown=shutdown, task_status=task_status)
+            await serve(
+                config,
+                shutdown=shutdown,
+                task_status=task_status,
+                listen_fd=worker.listen_fd if worker else None,
+                worker=worker.index if worker else None,
+            )
             nursery.cancel_scope.cancel()
 
-        await nursery.start(run)
+        listening: Listening = await nursery.start(run)
+        serving = True
+        if worker is not None:
+            models = ", ".join(m.id for m in listening.runtime.providers.models()) or "none"
+            nursery.start_soon(_report_to_supervisor, worker.supervisor_fd, models, shutdown)
         # What start-up made (modules, the app, the plugins, a loaded model) lives
         # as long as the process: moved out of the garbage collector's sight, it is
         # no longer walked by every full collection.
@@ -151,9 +216,54 @@ async def _serve_until_signal(config: StreamvisorConfig) -> None:
         gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
+async def _report_to_supervisor(fd: int, models: str, shutdown: trio.Event) -> None:
+    """A worker tells its supervisor that it serves, then holds the line: the
+    end of the file means the supervisor is gone (even killed with -9), and a
+    worker does not outlive it."""
+    async with trio.lowlevel.FdStream(fd) as channel:
+        try:
+            await channel.send_all(f"ready {models}\n".encode())
+            while await channel.receive_some():
+                pass
+        except trio.BrokenResourceError:
+            pass
+    log.warning("the supervisor of this worker is gone: shutting down")
+    shutdown.set()
+
+
+def _positive_workers(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of worker processes, 1 or more; found {text!r}")
+    return count
+
+
+def _worker_command(args: argparse.Namespace) -> list[str]:
+    """The command line of a worker: `serve` with this one's configuration."""
+    command = [sys.executable, "-m", "streamvisor.core.cli", "serve"]
+    if args.config:
+        command += ["--config", args.config]
+    for url in args.upstream or ():
+        command += ["--upstream", url]
+    if args.api_key_env:
+        command += ["--api-key-env", args.api_key_env]
+    return command
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     config = build_config(args)
     configure(config.server.log_level, config.server.log_format)
+    if args.worker_index is not None:
+        trio.run(_serve_until_signal, config, WorkerRole(args.worker_index, args.listen_fd, args.supervisor_fd))
+        return 0
+    if args.workers > 1:
+        from .workers import WorkerGroup
+
+        with listen_socket(config.server.host, config.server.port) as sock:
+            return trio.run(WorkerGroup(config, args.workers, _worker_command(args), sock).run)
     trio.run(_serve_until_signal, config)
     return 0
 
@@ -371,6 +481,14 @@ def parser() -> argparse.ArgumentParser:
     with_config(serve_p)
     serve_p.add_argument("--host", help="address to listen on (default from [server], 127.0.0.1)")
     serve_p.add_argument("--port", type=int, help="port to listen on (default from [server], 8000; 0 picks a free one)")
+    serve_p.add_argument(
+        "--workers", type=_positive_workers, default=1, metavar="N",
+        help="serve with N worker processes on one port under one supervisor (default 1: this process serves)",
+    )
+    # A worker of `--workers`: its index, the listening socket and its line to
+    # the supervisor, inherited file descriptors (core/workers.py).
+    for hidden in ("--worker-index", "--listen-fd", "--supervisor-fd"):
+        serve_p.add_argument(hidden, type=int, help=argparse.SUPPRESS)
     serve_p.set_defaults(run=cmd_serve)
 
     chat_p = commands.add_parser("chat", help="stream one completion to the terminal")

@@ -634,6 +634,9 @@ def test_a_stream_cut_by_a_crash_is_charged_to_its_key_after_the_restart(tmp_pat
     finally:
         proc.kill()
         proc.wait(timeout=10)
+    # The restarted server recovers the sessions of its instance name (host and
+    # port): it listens on the port of the one that was killed.
+    config.write_text(config.read_text().replace("port = 0", f"port = {url.rsplit(':', 1)[1]}", 1))
     proc, url = serve_process(config)
     try:
         deadline = time.monotonic() + 10

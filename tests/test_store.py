@@ -705,6 +705,9 @@ def test_kill_9_during_a_background_stream_keeps_what_a_follower_had_250_ms_befo
         if proc.poll() is None:
             proc.kill()
     assert len(received) > 50
+    # The restarted server recovers the sessions of its instance name (host and
+    # port): it listens on the port of the one that was killed.
+    config.write_text(config.read_text().replace("port = 0", f"port = {url.rsplit(':', 1)[1]}", 1))
     proc, url = serve_process(config)
     try:
         session = httpx.get(f"{url}/v1/sessions/{session_id}").json()
