@@ -39,14 +39,17 @@ import trio
 from prometheus_client import Counter
 
 from streamvisor.hooks import (
+    TERMINAL_TYPES,
     APIError,
     ConfigError,
+    Event,
     Health,
     RespClient,
     Session,
     completion_object,
     hookimpl,
     json_response,
+    listens_to,
     positive,
     require_admin,
 )
@@ -88,12 +91,17 @@ class Settings:
     #: Directory entries and chunks are written at most this long after they
     #: happen, together in one pipeline.
     publish_interval_ms: int = attrs.field(default=20, validator=positive)
-    #: A published session's stream lives this long after its end.
-    stream_ttl_seconds: float = attrs.field(default=3600.0, validator=positive)
+    #: A published session's stream (and its directory entry) lives this long
+    #: after its end: followers from elsewhere resume within it (later ones
+    #: replay from the store).
+    stream_ttl_seconds: float = attrs.field(default=600.0, validator=positive)
     #: Entries one stream keeps at most (a long session's first ones go).
     max_stream_entries: int = attrs.field(default=100_000, validator=positive)
-    #: A directory entry lives this long after its session started.
-    directory_ttl_seconds: float = attrs.field(default=86_400.0, validator=positive)
+    #: A live session's directory entry is written to live this long, and
+    #: renewed while the session runs; once it ends, its entry lives as long
+    #: as its owner retains it (`[server] session_retention_seconds`, or
+    #: `stream_ttl_seconds` when published), plus a minute.
+    directory_ttl_seconds: float = attrs.field(default=3600.0, validator=positive)
     #: Directory entries waiting for Redis at most (while it is away); past it
     #: the oldest are dropped and counted.
     max_pending_entries: int = attrs.field(default=100_000, validator=positive)
@@ -133,8 +141,10 @@ class ClusterPlugin:
         self.instance_id = ""
         self.reader = Reader()
         self.started_at = time.time()
-        #: Directory entries to write: (session id, JSON).
-        self._entries: dict[str, bytes] = {}
+        #: Directory entries to write: session id -> (JSON, seconds to live).
+        self._entries: dict[str, tuple[bytes, int]] = {}
+        #: Directory entries (and streams) whose time to live changes: id -> seconds.
+        self._expires: dict[str, int] = {}
         self._published: dict[str, _Published] = {}
         self._waiting: dict[str, _Waiting] = {}
         self._handlers = 0
@@ -171,6 +181,20 @@ class ClusterPlugin:
         )
         self.reaped_count = Counter("streamvisor_cluster_reaped_sessions", "Sessions of dead instances this one marked interrupted.", registry=registry)
         register(self.track)
+
+    @hookimpl
+    @listens_to(*TERMINAL_TYPES)
+    def on_event(self, event: Event) -> None:
+        """A session ended: its directory entry lives as long as its owner
+        (or its stream) can still answer for it."""
+        published = event.session_id in self._published or self.settings.publish == "all"
+        ttl = int((self.settings.stream_ttl_seconds if published else self.runtime.config.server.session_retention_seconds) + 60)
+        pending = self._entries.get(event.session_id)
+        if pending is not None:
+            self._entries[event.session_id] = (pending[0], ttl)
+        else:
+            self._expires[event.session_id] = ttl
+        self._wake_publisher()
 
     @hookimpl
     def register_session_directory(self, register: Any) -> None:
@@ -268,7 +292,7 @@ class ClusterPlugin:
         if len(entries) >= self.settings.max_pending_entries:
             del entries[next(iter(entries))]
             self.dropped_entries += 1
-        entries[session.id] = orjson.dumps(
+        entries[session.id] = (orjson.dumps(
             {
                 "o": self.instance_id,
                 "i": session.identity,
@@ -278,7 +302,7 @@ class ClusterPlugin:
                 "u": session.request.include_usage,
                 "b": session.background,
             }
-        )
+        ), int(self.settings.directory_ttl_seconds))
         if session.background or self.settings.publish == "all":
             self._publish(session)
         else:
@@ -343,10 +367,12 @@ class ClusterPlugin:
     async def _publish_batch(self) -> None:
         commands: list[tuple[Any, ...]] = []
         entries = self._entries
-        ttl = int(self.settings.directory_ttl_seconds)
         written = list(entries.items())
-        for session_id, entry in written:
+        for session_id, (entry, ttl) in written:
             commands.append(("SET", self.key("dir", session_id), entry, "EX", ttl))
+        expires, self._expires = self._expires, {}
+        for session_id, ttl in expires.items():
+            commands.append(("EXPIRE", self.key("dir", session_id), ttl))
         progress: list[tuple[_Published, int, bool]] = []
         for published in self._published.values():
             session = published.session
@@ -374,10 +400,15 @@ class ClusterPlugin:
         if not commands:
             return
         self.calls.labels("publisher").inc()
-        replies = await self.client.pipeline(commands)
+        try:
+            replies = await self.client.pipeline(commands)
+        except BaseException:
+            for session_id, ttl in expires.items():
+                self._expires.setdefault(session_id, ttl)  # again next time
+            raise
         errors = [reply for reply in replies if isinstance(reply, Exception)]
-        for session_id, entry in written:
-            if entries.get(session_id) is entry:
+        for session_id, item in written:
+            if entries.get(session_id) is item:
                 del entries[session_id]
         for published, count, finished in progress:
             published.sent = count
@@ -393,8 +424,17 @@ class ClusterPlugin:
 
     # -- membership ----------------------------------------------------------------------
 
+    def _renew(self, live: list[Session]) -> None:
+        """Sessions that outlive half their entry's time get it renewed."""
+        ttl = self.settings.directory_ttl_seconds
+        old = time.time() - ttl / 2
+        for session in live:
+            if session.created_at < old and session.id not in self._expires:
+                self._expires[session.id] = int(ttl)
+
     def beat(self) -> dict[str, Any]:
         live = self.runtime.sessions.live()
+        self._renew(live)
         return {
             "id": self.instance_id,
             "name": self.runtime.instance,
