@@ -145,7 +145,16 @@ async def serve(
             hconfig.graceful_timeout = config.server.shutdown_grace_seconds
             hconfig.keep_alive_timeout = 75
             async with trio.open_nursery() as nursery:
-                binds = await nursery.start(lambda task_status: hypercorn_serve(app, hconfig, shutdown_trigger=shutdown.wait, task_status=task_status))
+                async def stop_streams_first() -> None:
+                    # hypercorn waits up to its graceful timeout for requests in
+                    # flight: a stream would hold the whole grace period and then
+                    # be cut with no end. Stopped first, every stream ends at once
+                    # with its `stopped` chunk (state `shutdown`), its usage recorded.
+                    await shutdown.wait()
+                    for session in runtime.sessions.live():
+                        session.cancel("shutdown")
+
+                binds = await nursery.start(lambda task_status: hypercorn_serve(app, hconfig, shutdown_trigger=stop_streams_first, task_status=task_status))
                 url = binds[0].replace("0.0.0.0", "127.0.0.1")
                 models = ", ".join(m.id for m in runtime.providers.models()) or "none"
                 # Its own logger, always at INFO: whatever log_level says, an operator
