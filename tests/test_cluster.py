@@ -9,9 +9,11 @@ import json
 import os
 import secrets
 import shutil
+import re
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from contextlib import closing, contextmanager
@@ -44,7 +46,11 @@ def redis() -> str:
     return "redis://127.0.0.1:6379/0"
 
 
-def cluster_toml(store: str, redis_url: str, prefix: str, cluster: str = "", extra: str = "") -> str:
+#: Beats that notice a dead instance in seconds, for the tests that do not wait for one.
+FAST_BEATS = "beat_seconds = 0.5\ndead_after_seconds = 3"
+
+
+def cluster_toml(store: str, redis_url: str, prefix: str, cluster: str = FAST_BEATS, extra: str = "") -> str:
     return f"""
 [server]
 port = 0
@@ -60,8 +66,6 @@ url = "{store}"
 
 [plugins.cluster]
 key_prefix = "{prefix}cluster:"
-beat_seconds = 0.5
-dead_after_seconds = 3
 {cluster}
 
 [plugins.usage]
@@ -72,7 +76,7 @@ dead_after_seconds = 3
 
 
 @contextmanager
-def two_instances(tmp_path: Path, store: str, redis_url: str, cluster: str = "", extra: str = "") -> Iterator[tuple[list[subprocess.Popen], list[str]]]:
+def two_instances(tmp_path: Path, store: str, redis_url: str, cluster: str = FAST_BEATS, extra: str = "") -> Iterator[tuple[list[subprocess.Popen], list[str]]]:
     prefix = f"test-{secrets.token_hex(4)}:"
     config = tmp_path / "plugins.toml"
     config.write_text(cluster_toml(store, redis_url, prefix, cluster, extra.replace("{prefix}", prefix)))
@@ -190,7 +194,8 @@ def test_a_background_stream_started_on_a_is_followed_from_b_with_last_event_id_
 
 
 def test_kill_9_of_a_marks_its_session_interrupted_through_b_within_15_s_with_usage_once(postgres_url, redis, tmp_path):
-    with two_instances(tmp_path, postgres_url, redis) as (procs, (a, b)):
+    # The default beats: 2 s, dead after 10 s.
+    with two_instances(tmp_path, postgres_url, redis, cluster="") as (procs, (a, b)):
         session_id = background(a)
         # A follower on B sees chunks live, then the end.
         follower: dict = {}
@@ -206,6 +211,8 @@ def test_kill_9_of_a_marks_its_session_interrupted_through_b_within_15_s_with_us
         killed = time.monotonic()
         procs[0].wait(timeout=10)
         deadline = killed + 15
+        # Until it is marked, B still answers for it: from what A published.
+        assert httpx.get(f"{b}/v1/sessions/{session_id}").status_code == 200
         while True:
             state = httpx.get(f"{b}/v1/sessions/{session_id}").json().get("state")
             stored = httpx.get(f"{b}/v1/sessions", params={"state": "interrupted"}, headers=ADMIN).json()["data"]
@@ -215,7 +222,7 @@ def test_kill_9_of_a_marks_its_session_interrupted_through_b_within_15_s_with_us
             time.sleep(0.2)
         marked_after = time.monotonic() - killed
         assert marked_after < 15
-        thread.join(timeout=20)
+        thread.join(timeout=30)
         got = follower["events"]
         assert len(got) > 10, got[:3]
         ids = [i for i, _ in got if i is not None]
@@ -227,7 +234,7 @@ def test_kill_9_of_a_marks_its_session_interrupted_through_b_within_15_s_with_us
         mine = [r for r in records if r["session_id"] == session_id]
         assert len(mine) == 1 and mine[0]["outcome"] == "interrupted" and mine[0]["completion_tokens"] > 0
         # B lists itself alone now, and says whom it reaped.
-        cluster = wait_for_members(b, 1)
+        cluster = wait_for_members(b, 1, timeout=15)
         assert any(r["sessions"] == 1 for r in cluster["reaped"])
 
 
@@ -348,3 +355,39 @@ def test_a_plain_stream_on_a_is_followed_from_b_on_demand_and_deleted_through_b(
         assert httpx.delete(f"{b}/v1/sessions/{session_id}").json()["deleted"] is True
         assert httpx.get(f"{a}/v1/sessions/{session_id}").status_code == 410
         assert httpx.get(f"{b}/v1/sessions/{session_id}").status_code == 410
+
+
+def test_workers_of_one_serve_share_sessions_through_the_cluster(postgres_url, redis, tmp_path):
+    """`serve --workers 2` with the cluster plugin: whichever worker the kernel
+    gives a request to, every session can be read and stopped."""
+    prefix = f"test-{secrets.token_hex(4)}:"
+    config = tmp_path / "plugins.toml"
+    config.write_text(cluster_toml(postgres_url, redis, prefix))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamvisor.core.cli", "serve", "--config", str(config), "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 60
+        for line in proc.stdout:
+            found = re.search(r"listening on (http://\S+)", line)
+            if found:
+                url = found.group(1)
+                threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+                break
+            assert time.monotonic() < deadline
+        members = wait_for_members(url, 2)["members"]
+        assert sorted(m["name"].rsplit("/", 1)[1] for m in members) == ["w1", "w2"]
+        # New connections each time: the kernel spreads them over both workers.
+        ids = [background(url) for _ in range(12)]
+        # With 12 of them spread over two workers, some stops reached the worker
+        # that did not run the session (all of them landing on its owner has a
+        # chance of 1 in 4,096): delivered, and stopped, all the same.
+        for session_id in ids:
+            r = httpx.post(f"{url}/v1/sessions/{session_id}/stop")
+            assert r.status_code == 200 and r.json()["delivered"] is True and r.json()["state"] == "stopped", r.text
+        assert all(httpx.get(f"{url}/v1/sessions/{session_id}").json()["state"] == "stopped" for session_id in ids)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
