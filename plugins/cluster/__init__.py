@@ -522,7 +522,7 @@ class ClusterPlugin:
     async def run_commands(self) -> None:
         channel = self.key("cmd", self.instance_id)
         backoff = 0.2
-        async with trio.open_nursery() as nursery:
+        async with trio.open_nursery() as handlers:
             while True:
                 try:
                     async with self.client.connection() as conn:
@@ -530,15 +530,36 @@ class ClusterPlugin:
                             await conn.execute("SUBSCRIBE", channel)
                         self._subscribed = True
                         backoff = 0.2
-                        while True:
-                            message = await conn.reply()
-                            if isinstance(message, list) and len(message) == 3 and message[0] == b"message":
-                                self._dispatch(message[2], nursery)
+                        await self._listen(conn, handlers)
                 except Exception as exc:
                     self._subscribed = False
                     self._failed("commands", exc)
                 await trio.sleep(backoff)
                 backoff = min(5.0, backoff * 2)
+
+    async def _listen(self, conn: Any, handlers: trio.Nursery) -> None:
+        """Read commands and answers until the connection fails. A subscribed
+        connection only ever receives, so a Redis that vanished without closing
+        it (a partition) would go unnoticed: a PING every beat must bring its
+        pong, or the connection is given up and made again."""
+        last_seen = trio.current_time()
+        every = self.settings.beat_seconds
+
+        async def ping() -> None:
+            while True:
+                await trio.sleep(every)
+                if trio.current_time() - last_seen > 2 * every + self.client.timeout:
+                    raise ConnectionError(f"the subscribed connection brought nothing, not even a pong, for {2 * every + self.client.timeout:g} s")
+                with trio.fail_after(self.client.timeout):
+                    await conn.send("PING")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ping)
+            while True:
+                message = await conn.reply()
+                last_seen = trio.current_time()
+                if isinstance(message, list) and len(message) == 3 and message[0] == b"message":
+                    self._dispatch(message[2], handlers)
 
     def _dispatch(self, data: bytes, nursery: trio.Nursery) -> None:
         try:
