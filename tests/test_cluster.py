@@ -391,3 +391,81 @@ def test_workers_of_one_serve_share_sessions_through_the_cluster(postgres_url, r
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+# -- behind nginx, with the configuration docs/scaling.md gives ------------------------------
+
+
+def documented_nginx(upstreams: list[str], port: int, folder: Path) -> Path:
+    """docs/scaling.md's nginx block, with these instances and this port, in a
+    whole nginx.conf that keeps every file under `folder`."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "scaling.md").read_text()
+    block = re.search(r"```nginx\n(.*?)```", text, re.S)
+    assert block, "docs/scaling.md has no nginx block"
+    site = block.group(1)
+    servers = "".join(f"    server {u.removeprefix('http://')};\n" for u in upstreams)
+    site = re.sub(r"(upstream streamvisor \{\n)(?:    server .*;\n)+", lambda m: m.group(1) + servers, site)
+    site = site.replace("listen 80;", f"listen 127.0.0.1:{port};")
+    assert f"listen 127.0.0.1:{port};" in site and servers in site
+    temp = folder / "temp"
+    temp.mkdir()
+    conf = folder / "nginx.conf"
+    conf.write_text(
+        f"daemon off;\npid {folder / 'nginx.pid'};\nerror_log {folder / 'error.log'} warn;\nworker_processes 1;\nevents {{}}\n"
+        f"http {{\n access_log off;\n client_body_temp_path {temp}/body;\n proxy_temp_path {temp}/proxy;\n"
+        f" fastcgi_temp_path {temp}/fastcgi;\n uwsgi_temp_path {temp}/uwsgi;\n scgi_temp_path {temp}/scgi;\n{site}\n}}\n"
+    )
+    return conf
+
+
+def test_behind_the_documented_nginx_streams_arrive_live_and_any_session_is_stopped(postgres_url, redis, tmp_path):
+    binary = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
+    if binary is None:
+        if CI:
+            pytest.fail("nginx is not installed (.ci/run installs nginx-light), and CI must test the documented config")
+        pytest.skip("nginx is not installed")
+    with two_instances(tmp_path, postgres_url, redis) as (_, urls):
+        port = free_port()
+        folder = tmp_path / "nginx"
+        folder.mkdir()
+        conf = documented_nginx(urls, port, folder)
+        nginx = subprocess.Popen([binary, "-c", str(conf), "-p", str(folder)], stderr=subprocess.PIPE, text=True)
+        try:
+            front = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    if httpx.get(f"{front}/health").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert nginx.poll() is None, nginx.stderr.read() if nginx.stderr else ""
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            client = openai.OpenAI(base_url=f"{front}/v1", api_key="unused", max_retries=0)
+            for _ in range(4):  # round robin: streams on both instances
+                with client.chat.completions.with_streaming_response.create(
+                    model="slow", messages=[{"role": "user", "content": "go"}], stream=True
+                ) as response:
+                    session_id = response.headers["X-Session-ID"]
+                    seen = 0
+                    finish = None
+                    for chunk in response.parse():
+                        # A model that never ends on its own: chunks arriving at all
+                        # means nginx does not buffer the stream.
+                        if chunk.choices and chunk.choices[0].delta.content:
+                            seen += 1
+                            if seen == 3:
+                                r = httpx.post(f"{front}/v1/sessions/{session_id}/stop")
+                                assert r.status_code == 200 and r.json()["delivered"] is True, r.text
+                        if chunk.choices and chunk.choices[0].finish_reason:
+                            finish = chunk.choices[0].finish_reason
+                    assert finish == "stopped" and seen >= 3
+            # A background session followed through nginx, from wherever it lands.
+            session_id = background(front, "count")
+            followed = httpx.get(f"{front}/v1/sessions/{session_id}/stream", timeout=20)
+            ids = [i for i, _ in events(followed.text) if i is not None]
+            assert ids == list(range(len(ids))) and len(ids) > 30
+        finally:
+            nginx.terminate()
+            nginx.wait(timeout=10)
