@@ -26,7 +26,7 @@ import pytest
 
 from .conftest import CI
 from .test_keys import FOX_INPUT, FOX_OUTPUT, redis_reachable
-from .test_store import MODELS, serve_process
+from .test_store import MODELS
 
 ADMIN_KEY = "cluster-test-admin-key"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -73,6 +73,32 @@ key_prefix = "{prefix}cluster:"
 {extra}
 {MODELS}
 """
+
+
+def serve_process(config: Path) -> tuple[subprocess.Popen, str]:
+    """`streamvisor serve` on `config`; its output goes on to a log file beside
+    the config (read it when a test fails)."""
+    log = (config.parent / f"serve-{len(list(config.parent.glob('serve-*.log')))}.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamvisor.core.cli", "serve", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=config.parent,
+    )
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    for line in proc.stdout:
+        log.write(line)
+        found = re.search(r"listening on (http://\S+)", line)
+        if found:
+            def drain() -> None:
+                for rest in proc.stdout:
+                    log.write(rest)
+                    log.flush()
+                log.close()
+
+            threading.Thread(target=drain, daemon=True).start()
+            return proc, found.group(1)
+        assert time.monotonic() < deadline
+    raise AssertionError("serve did not start")
 
 
 @contextmanager
@@ -345,6 +371,7 @@ def test_a_plain_stream_on_a_is_followed_from_b_on_demand_and_deleted_through_b(
             followed = httpx.get(f"{b}/v1/sessions/{session_id}/stream", timeout=20)
             original = own.read().decode()
         theirs = [(i, d) for i, d in events(followed.text) if i is not None]
+        assert theirs, (followed.text, [p.read_text()[-2000:] for p in sorted(tmp_path.glob("serve-*.log"))])
         mine = [(i, d) for i, d in events(original) if i is not None]
         assert [i for i, _ in theirs] == [i for i, _ in mine] == list(range(len(mine)))
         assert [json.loads(d)["choices"] for _, d in theirs] == [json.loads(d)["choices"] for _, d in mine]

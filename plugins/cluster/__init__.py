@@ -44,6 +44,7 @@ from streamvisor.hooks import (
     ConfigError,
     Event,
     Health,
+    RedisError,
     RespClient,
     Session,
     completion_object,
@@ -260,6 +261,11 @@ class ClusterPlugin:
     def _failed(self, task: str, exc: BaseException) -> None:
         self.redis_errors.labels(task).inc()
         self._last_error = f"{task}: {_describe(exc)}"
+        if isinstance(exc, RedisError):
+            # Redis answered, with an error: it is there (a bug, or a key of the
+            # wrong type under our prefix), not a reason for degraded mode.
+            log.warning("cluster: Redis refused a command (%s)", self._last_error)
+            return
         now = time.monotonic()
         if self._down_since is None:
             self._down_since = time.time()
@@ -276,6 +282,7 @@ class ClusterPlugin:
 
     def unavailable(self, exc: BaseException) -> APIError:
         self._failed("follow", exc)
+        log.warning("cluster: a session on another instance could not be reached: %s", _describe(exc))
         return APIError(
             "The cluster's Redis does not answer: this session runs on another instance and cannot be reached now.",
             status=503,

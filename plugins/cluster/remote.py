@@ -126,7 +126,8 @@ class Remote:
         try:
             while True:
                 try:
-                    start = cursor if inclusive else b"(" + cursor
+                    # Nothing read yet ("-"): from the first entry there is.
+                    start = cursor if inclusive or cursor == b"-" else b"(" + cursor
                     entries = await client.execute("XRANGE", key, start, "+", "COUNT", PAGE)
                 except Exception as exc:
                     yield plugin.unavailable(exc)
