@@ -397,13 +397,17 @@ def test_workers_of_one_serve_share_sessions_through_the_cluster(postgres_url, r
     try:
         assert proc.stdout is not None
         deadline = time.monotonic() + 60
+        output = []
         for line in proc.stdout:
+            output.append(line)
             found = re.search(r"listening on (http://\S+)", line)
             if found:
                 url = found.group(1)
                 threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
                 break
             assert time.monotonic() < deadline
+        else:
+            raise AssertionError("serve --workers 2 did not start:\n" + "".join(output[-40:]))
         members = wait_for_members(url, 2)["members"]
         assert sorted(m["name"].rsplit("/", 1)[1] for m in members) == ["w1", "w2"]
         # New connections each time: the kernel spreads them over both workers.

@@ -178,6 +178,11 @@ class Database:
         Returns the versions applied now."""
         applied: list[int] = []
         with self.connection() as conn:
+            if self.dialect == "postgres":
+                # Even CREATE TABLE IF NOT EXISTS fails in one of two processes
+                # that run it at once on a fresh database (a unique violation in
+                # pg_type): the workers of `serve --workers N` start together.
+                conn.execute("SELECT pg_advisory_xact_lock(7361829)")
             conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, description TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)"
             )
