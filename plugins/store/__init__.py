@@ -262,7 +262,7 @@ class _Metrics:
 
 class StorePlugin:
     Settings = Settings
-    streamvisor_contract = "1.2"
+    streamvisor_contract = "1.3"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
