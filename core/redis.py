@@ -196,9 +196,21 @@ class RespClient:
         """One command and its reply, within the timeout; `RedisError` for an
         error reply, `ConnectionError` or `trio.TooSlowError` when Redis cannot
         be reached in time."""
+        return await self._exchange(_encode(args), 0)
+
+    async def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
+        """Several commands in one round trip, on one connection, within the
+        timeout. Their replies come back in order; an error reply is a
+        `RedisError` in the list (Redis ran the others all the same)."""
+        if not commands:
+            return []
+        return await self._exchange(b"".join(_encode(tuple(command)) for command in commands), len(commands))
+
+    async def _exchange(self, payload: bytes, count: int) -> Any:
+        """Send `payload` on a pooled connection and read one reply (`count`
+        0, an error reply raised) or `count` replies (a list)."""
         if self.closed:
             raise ConnectionError("the Redis client is closed")
-        payload = _encode(args)
         # An idle connection is taken without a checkpoint: a semaphore's
         # acquire yields to the scheduler, which cost as much as the send.
         while not self._idle and self._open >= self._max:
@@ -210,7 +222,7 @@ class RespClient:
             with trio.fail_after(self.timeout):
                 if connection is None:
                     connection = await self._connect()
-                reply = await connection.call(payload)
+                reply = await (connection.call(payload) if count == 0 else connection.replies(payload, count))
         except RedisError:
             assert connection is not None
             await self._give_back(connection)  # a whole reply was read: still in step
@@ -220,31 +232,6 @@ class RespClient:
             raise
         await self._give_back(connection)
         return reply
-
-    async def pipeline(self, commands: Sequence[Sequence[Any]]) -> list[Any]:
-        """Several commands in one round trip, on one connection, within the
-        timeout. Their replies come back in order; an error reply is a
-        `RedisError` in the list (Redis ran the others all the same)."""
-        if not commands:
-            return []
-        if self.closed:
-            raise ConnectionError("the Redis client is closed")
-        payload = b"".join(_encode(tuple(command)) for command in commands)
-        while not self._idle and self._open >= self._max:
-            await self._returned.wait()
-        connection = self._idle.pop() if self._idle else None
-        if connection is None:
-            self._open += 1
-        try:
-            with trio.fail_after(self.timeout):
-                if connection is None:
-                    connection = await self._connect()
-                replies = await connection.replies(payload, len(commands))
-        except BaseException:
-            await self._drop(connection)
-            raise
-        await self._give_back(connection)
-        return replies
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[Connection]:

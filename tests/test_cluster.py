@@ -26,7 +26,7 @@ import pytest
 
 from .conftest import CI
 from .test_keys import FOX_INPUT, FOX_OUTPUT, redis_reachable
-from .test_store import MODELS
+from .test_store import MODELS, events
 
 ADMIN_KEY = "cluster-test-admin-key"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
@@ -141,20 +141,6 @@ def background(url: str, model: str = "slow") -> str:
     r = httpx.post(f"{url}/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": "x"}], "background": True})
     assert r.status_code == 202, r.text
     return r.json()["id"]
-
-
-def events(body: str) -> list[tuple[int | None, str]]:
-    out = []
-    for block in body.split("\n\n"):
-        ident, data = None, []
-        for line in block.split("\n"):
-            if line.startswith("id: "):
-                ident = int(line[4:])
-            elif line.startswith("data: "):
-                data.append(line[6:])
-        if data:
-            out.append((ident, "\n".join(data)))
-    return out
 
 
 def test_a_stream_started_on_a_is_stopped_through_b_and_ends_stopped_on_a(postgres_url, redis, tmp_path):
