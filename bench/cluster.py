@@ -101,10 +101,15 @@ def _commands(url: str) -> int:
 
 
 def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return []
+    """The child processes of `pid`, whichever of its threads started them
+    (trio starts processes from a worker thread)."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(p) for p in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
 
 
 def plugin_cost(bench: Bench, workdir: Path, redis_url: str, prefix: str, rounds_n: int, levels: list[int], progress: Any) -> Paired:
@@ -159,6 +164,8 @@ def workers(bench: Bench, workdir: Path, rounds_n: int, levels: list[int], progr
             figures: dict[int, dict[str, Any]] = {}
             try:
                 pids = _children(server.pid) if count > 1 else [server.pid]
+                if len(pids) != count:
+                    raise RuntimeError(f"--workers {count} runs {len(pids)} worker processes: {pids}")
                 for level in levels:
                     progress(f"workers, round {round_} of {rounds_n}: --workers {count}, concurrency {level}")
                     watch = {f"w{i}": pid for i, pid in enumerate(pids)}
