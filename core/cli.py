@@ -447,7 +447,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
             print(f"streamvisor: the store of plugin {stores[0].name!r} cannot be opened: {exc}", file=sys.stderr)
             return 1
         try:
-            return await keys[0].plugin.keys_command(args.argv, store)
+            return await keys[0].plugin.keys_command(args.argv, store, config=config)
         finally:
             await opened.__aexit__(None, None, None)
 

@@ -233,11 +233,8 @@ class KeysPlugin:
 
     @hookimpl
     def register_routes(self, register: Any, runtime: Any) -> None:
-        # The first hook that sees the runtime (routes come before services):
-        # without a redis_url of its own, the deployment's shared one counts.
-        shared = runtime.config.server.redis_url
-        if not self.settings.redis_url and shared and not isinstance(self.limiter, RedisLimiter):
-            self.limiter = RedisLimiter(shared, self.settings.key_prefix, self.settings.lease_seconds, self.settings.redis_timeout)
+        # The first hook that sees the runtime (routes come before services).
+        self._share_redis(runtime.config.server.redis_url)
         register("/admin/keys", require_admin(self.create_view), methods=("POST",), openapi=_op("Create an API key; the secret is in this answer only", 201))
         register("/admin/keys", require_admin(self.list_view), openapi=_op("List API keys"))
         register("/admin/keys/<key_id>", require_admin(self.show_view), openapi=_op("An API key with its spend and usage"))
@@ -667,10 +664,18 @@ class KeysPlugin:
             return Health(False, detail)
         return Health(True, {"redis": "ok", "on_redis_error": self.settings.on_redis_error})
 
-    async def keys_command(self, argv: list[str], store: Any) -> int:
+    def _share_redis(self, shared: str) -> None:
+        """Without a redis_url of its own, the deployment's shared one (`[server]
+        redis_url`) holds the limits."""
+        if not self.settings.redis_url and shared and not isinstance(self.limiter, RedisLimiter):
+            self.limiter = RedisLimiter(shared, self.settings.key_prefix, self.settings.lease_seconds, self.settings.redis_timeout)
+
+    async def keys_command(self, argv: list[str], store: Any, config: Any = None) -> int:
         """`streamvisor keys ...` (the CLI): the admin API's operations against
-        the store, outside any server. With Redis, a change is announced there
-        too, so running servers notice it on the key's next request."""
+        the store, outside any server. With Redis (the plugin's `redis_url`, or
+        `[server] redis_url` of `config`), a change is announced there too, so
+        running servers notice it on the key's next request."""
+        self._share_redis(getattr(getattr(config, "server", None), "redis_url", ""))
         try:
             return await _keys_command(self, argv, store)
         finally:
