@@ -557,3 +557,97 @@ def test_past_the_bound_a_lagging_listener_makes_new_sessions_wait_not_lose_reco
     assert refused.value.response.headers["Retry-After"] == "1"
     assert "recording finished sessions more slowly" in refused.value.body["message"]
     assert after.choices[0].message.content
+
+
+# -- a third party's session directory (contract 1.3) ----------------------------------------
+
+
+@attrs.define
+class ElsewhereSession:
+    """A session "on another server", as a directory plugin would hand it over."""
+
+    id: str
+    identity: str = "anonymous"
+    team: str | None = None
+    owner: str = "far-away:8000@0001"
+    model: str = "fox"
+    created_at: float = 1_700_000_000.0
+    include_usage: bool = True
+    stopped: bool = False
+
+    def to_json(self):
+        return {"id": self.id, "object": "session", "state": "stopped" if self.stopped else "running", "identity": self.identity}
+
+    async def stop(self):
+        self.stopped = True
+        return True, {**self.to_json(), "stopped": True}
+
+    async def delete(self):
+        return True
+
+    async def completion(self):
+        return {"id": "chatcmpl-x", "object": "chat.completion", "choices": []}
+
+    async def follow(self, offset, keepalive):
+        from streamvisor.hooks import StoredSession, Usage
+
+        words = ["The", " quick", " brown", " fox"]
+        if offset < len(words):
+            yield offset, [Delta(content=w) for w in words[offset:]]
+        yield StoredSession(
+            id=self.id, request_id="r", identity=self.identity, model="fox", provider="far", state="completed",
+            created_at=self.created_at, finish_reason="stop", usage=Usage(3, 4), chunks=len(words), include_usage=True,
+        )
+
+
+class Directory:
+    def __init__(self, sessions):
+        self.sessions = {s.id: s for s in sessions}
+        self.asked = []
+
+    @hookimpl
+    def register_session_directory(self, register):
+        register(self)
+
+    async def find(self, session_id):
+        self.asked.append(session_id)
+        return self.sessions.get(session_id)
+
+
+def test_a_third_party_directory_serves_sessions_of_other_servers_under_core_s_rules():
+    import httpx
+
+    mine, theirs = ElsewhereSession("sess_" + "a" * 24), ElsewhereSession("sess_" + "b" * 24, identity="someone-else")
+    directory = Directory([mine, theirs])
+    with start_server(SCRIPTED + "\n[plugins.elsewhere]\n", plugins={"elsewhere": directory}) as server:
+        base = server.url
+        # Anonymous callers see anonymous sessions only: the other's is a 404 like an unknown id.
+        assert httpx.get(f"{base}/v1/sessions/{mine.id}").json()["state"] == "running"
+        assert httpx.get(f"{base}/v1/sessions/{theirs.id}").status_code == 404
+        assert httpx.post(f"{base}/v1/sessions/{theirs.id}/stop").status_code == 404 and not theirs.stopped
+        # Following: core's wire format, with the directory's offsets as ids, from Last-Event-ID.
+        body = httpx.get(f"{base}/v1/sessions/{mine.id}/stream", headers={"Last-Event-ID": "1"}).text
+        data = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+        ids = [int(line[4:]) for line in body.splitlines() if line.startswith("id: ")]
+        assert ids[:2] == [2, 3] and data[-1] == "[DONE]"
+        assert "".join(json.loads(d)["choices"][0]["delta"].get("content", "") for d in data[:2]) == " brown fox"
+        assert json.loads(data[-2])["usage"]["completion_tokens"] == 4
+        stopped = httpx.post(f"{base}/v1/sessions/{mine.id}/stop").json()
+        assert stopped["stopped"] is True and stopped["delivered"] is True and mine.stopped
+        assert httpx.get(f"{base}/v1/sessions/{mine.id}/completion").json()["object"] == "chat.completion"
+        # A session this server runs never reaches the directory.
+        r = httpx.post(f"{base}/v1/chat/completions", json={"model": "fox", "messages": [{"role": "user", "content": "hi"}]})
+        local = r.headers["X-Session-ID"]
+        assert httpx.get(f"{base}/v1/sessions/{local}").status_code == 200 and local not in directory.asked
+
+
+def test_two_session_directories_stop_start_up():
+    from streamvisor.config import ConfigError
+
+    with pytest.raises(RuntimeError) as caught:
+        with start_server(SCRIPTED + "\n[plugins.one]\n[plugins.two]\n", plugins={"one": Directory([]), "two": Directory([])}):
+            pass
+    from streamvisor.hooks import unwrap
+
+    cause = unwrap(caught.value.__cause__)
+    assert isinstance(cause, ConfigError) and "plugins.two" in str(cause) and "session directory" in str(cause)
