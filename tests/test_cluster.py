@@ -206,14 +206,34 @@ def test_a_background_stream_started_on_a_is_followed_from_b_with_last_event_id_
 
 
 def test_kill_9_of_a_marks_its_session_interrupted_through_b_within_15_s_with_usage_once(postgres_url, redis, tmp_path):
+    keys = f"""
+[plugins.keys]
+key_prefix = "{{prefix}}keys:"
+lease_seconds = 3
+interrupted_scan_seconds = 1
+[plugins.pricing]
+[plugins.pricing.prices.slow]
+input = {FOX_INPUT}
+output = {FOX_OUTPUT}
+[plugins.pricing.prices.fox]
+input = {FOX_INPUT}
+output = {FOX_OUTPUT}
+"""
     # The default beats: 2 s, dead after 10 s.
-    with two_instances(tmp_path, postgres_url, redis, cluster="") as (procs, (a, b)):
-        session_id = background(a)
+    with two_instances(tmp_path, postgres_url, redis, cluster="", extra=keys) as (procs, (a, b)):
+        r = httpx.post(f"{a}/admin/keys", headers=ADMIN, json={"name": "one", "identity": "one", "max_concurrent_streams": 1})
+        key_id, auth = r.json()["id"], {"Authorization": f"Bearer {r.json()['secret']}"}
+        fox = {"model": "fox", "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(f"{a}/v1/chat/completions", headers=auth, json={"model": "slow", "messages": [{"role": "user", "content": "x"}], "background": True})
+        assert r.status_code == 202, r.text
+        session_id = r.json()["id"]
+        # Its one concurrent stream is taken, through either instance.
+        assert httpx.post(f"{b}/v1/chat/completions", headers=auth, json=fox).status_code == 429
         # A follower on B sees chunks live, then the end.
         follower: dict = {}
 
         def follow() -> None:
-            r = httpx.get(f"{b}/v1/sessions/{session_id}/stream", timeout=30)
+            r = httpx.get(f"{b}/v1/sessions/{session_id}/stream", headers=auth, timeout=30)
             follower["events"] = events(r.text)
 
         thread = threading.Thread(target=follow)
@@ -224,16 +244,19 @@ def test_kill_9_of_a_marks_its_session_interrupted_through_b_within_15_s_with_us
         procs[0].wait(timeout=10)
         deadline = killed + 15
         # Until it is marked, B still answers for it: from what A published.
-        assert httpx.get(f"{b}/v1/sessions/{session_id}").status_code == 200
+        assert httpx.get(f"{b}/v1/sessions/{session_id}", headers=auth).status_code == 200
+        freed = None
         while True:
-            state = httpx.get(f"{b}/v1/sessions/{session_id}").json().get("state")
+            if freed is None and httpx.post(f"{b}/v1/chat/completions", headers=auth, json=fox).status_code == 200:
+                freed = time.monotonic() - killed  # the dead instance's lease expired
             stored = httpx.get(f"{b}/v1/sessions", params={"state": "interrupted"}, headers=ADMIN).json()["data"]
             if any(s["id"] == session_id for s in stored):
                 break
-            assert time.monotonic() < deadline, state
+            assert time.monotonic() < deadline
             time.sleep(0.2)
         marked_after = time.monotonic() - killed
         assert marked_after < 15
+        assert freed is not None and freed < marked_after  # lease_seconds (3) is shorter than the beats' 10 s
         thread.join(timeout=30)
         got = follower["events"]
         assert len(got) > 10, got[:3]
@@ -245,6 +268,17 @@ def test_kill_9_of_a_marks_its_session_interrupted_through_b_within_15_s_with_us
         records = httpx.get(f"{b}/v1/usage/sessions", params={"limit": 100}, headers=ADMIN).json()["data"]
         mine = [r for r in records if r["session_id"] == session_id]
         assert len(mine) == 1 and mine[0]["outcome"] == "interrupted" and mine[0]["completion_tokens"] > 0
+        # And its key is charged for it once (the keys plugin's scan runs every second here).
+        deadline = time.monotonic() + 10
+        while True:
+            spend = httpx.get(f"{b}/admin/keys/{key_id}", headers=ADMIN).json()["spend"]
+            if spend["requests"]["total"] >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        time.sleep(2.5)
+        again = httpx.get(f"{b}/admin/keys/{key_id}", headers=ADMIN).json()["spend"]
+        assert again == spend and spend["requests"]["total"] == 2  # the interrupted stream and the one after
+        assert spend["cost_usd"]["total"] > 0
         # B lists itself alone now, and says whom it reaped.
         cluster = wait_for_members(b, 1, timeout=15)
         assert any(r["sessions"] == 1 for r in cluster["reaped"])
