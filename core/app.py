@@ -36,7 +36,7 @@ from .chat import ChatRequest
 from .errors import APIError, InternalError, MethodNotAllowed, NotFound, PayloadTooLarge
 from .logs import request_id_var, session_id_var
 from .metrics import Labelled
-from .runtime import Runtime, admission_headers
+from .runtime import Runtime
 from .session_api import add_session_routes
 from .sessions import Session, new_id
 from .web import json_response, read_json
@@ -139,18 +139,7 @@ def create_app(runtime: Runtime) -> QuartTrio:
         chat = attrs.evolve(
             chat, request_id=g.request_id, session_id=new_id("sess_"), identity=principal.identity, team=principal.team, key_id=principal.key_id
         )
-        if runtime.gated:
-            # Refuse before a gate reserves anything; open_session checks again
-            # after the gates, which may have waited.
-            runtime.check_capacity(chat)
-        admissions = await runtime.admit(chat, principal)
-        try:
-            session = runtime.open_session(chat)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await runtime.release(admissions)
-            raise
-        admitted = admission_headers(admissions)
+        session, admitted = await runtime.start_chat(chat, principal)
         session_id_var.set(session.id)
         if chat.background and not chat.stream:
             # Detached: the client collects it later (GET /v1/sessions/{id},

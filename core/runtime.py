@@ -10,7 +10,7 @@ cancels everything left: when `open` returns, no task of the runtime is running.
 
 What plugins may use of a `Runtime` is its public API (documented in
 docs/hooks.md): `config`, `instance`, `instance_id`, `sessions`, `providers`, `events`, `metrics`, `store`, `directory`,
-`health_checks`, `status_panels()`, `plugin_status()`, `open_session()`. Names
+`health_checks`, `status_panels()`, `plugin_status()`, `open_session()`, `start_chat()`, `find_session()`, `follow_session()`. Names
 with a leading underscore are the runtime's own.
 """
 
@@ -37,14 +37,14 @@ from streamvisor.hooks.markers import deprecated
 
 from .auth import ADMIN, ANONYMOUS, Admission, Principal
 from .chat import ChatRequest, Delta, Usage
-from .directory import SessionDirectory
+from .directory import RemoteSession, SessionDirectory
 from .errors import APIError, InternalError, Overloaded
 from .events import EventDispatcher
 from .faults import PluginError, PluginFaults
 from .health import Health, HealthCheck
 from .openapi import plugin_operations
 from .providers import ProviderRegistry, Route
-from .store import STORE_METHODS, SessionStore
+from .store import STORE_METHODS, SessionStore, StoredSession
 from .sessions import BufferMeter, Session, SessionActor, SessionRegistry, StreamFn, TransformerFactory, new_id, unwrap
 from .supervisor import ChildSpec, Restart, Supervisor, SupervisorEscalation
 from .web import admin_key, bearer_token
@@ -593,6 +593,56 @@ class Runtime:
         `check_capacity`). The request's `session_id` is kept when set (a gate
         saw it), else one is made."""
         return self._start(request, self.check_capacity(request))
+
+    async def start_chat(self, request: ChatRequest, principal: Principal | None = None) -> tuple[Session, dict[str, str]]:
+        """What `POST /v1/chat/completions` does before it answers, for a plugin
+        that offers another API over sessions (contract 1.4): the server's
+        capacity, the gates for `principal` (the request's caller by default),
+        then the session. Returns the session and the headers the gates asked
+        the response to carry. The request should have its `request_id`,
+        `identity`, `team` and `key_id` set (`attrs.evolve`); a `session_id` is
+        made when it has none. The opener must `release()` the session when it
+        is done with its buffer, and cancel it ("disconnected") when its client
+        goes, unless it is a background session."""
+        from .auth import current_principal
+
+        if principal is None:
+            principal = current_principal()
+        if not request.session_id:
+            request = attrs.evolve(request, session_id=new_id("sess_"))
+        if self.gated:
+            # Refuse before a gate reserves anything; open_session checks again
+            # after the gates, which may have waited.
+            self.check_capacity(request)
+        admissions = await self.admit(request, principal)
+        try:
+            session = self.open_session(request)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.release(admissions)
+            raise
+        return session, admission_headers(admissions)
+
+    async def find_session(self, session_id: str) -> "Session | StoredSession | RemoteSession":
+        """A session wherever it is (contract 1.4): in memory, on another server
+        (`directory`), or in the store, under core's rules: a session the
+        request's caller may not see is a `NotFound` (404) like an unknown id,
+        and a deleted or purged one a 410. Call it while serving a request."""
+        from .session_api import find
+
+        return await find(self, session_id)
+
+    async def follow_session(self, found: "Session | StoredSession | RemoteSession", offset: int = 0, keepalive: float | None = None) -> AsyncIterator[Any]:
+        """The chunks of a session `find_session` gave, from `offset` on, as
+        they come, wherever it runs (contract 1.4): an async iterator of
+        `(offset, [Delta, ...])` batches, None after `keepalive` seconds
+        (`[server] keepalive_seconds`) without any, and last its end as a
+        `StoredSession` (state, finish reason, usage, error), or an `APIError`
+        when the rest cannot be had. Raises a 410 `APIError` at once when its
+        transcript is not kept."""
+        from .session_api import chunk_source
+
+        return await chunk_source(self, found, offset, self.config.server.keepalive_seconds if keepalive is None else keepalive)
 
     @property
     def gated(self) -> bool:

@@ -33,7 +33,7 @@ from .directory import RemoteSession
 from .errors import APIError, InvalidRequest, NotFound
 from .runtime import Runtime
 from .sessions import STATES, Session
-from .store import INTERRUPTED, SessionQuery, StoredSession, completion_id, completion_object, decode_cursor, encode_cursor
+from .store import INTERRUPTED, SessionQuery, StoredSession, completion_id, completion_object, decode_cursor, encode_cursor, stored_of
 from .web import check_admin, json_response
 
 log = logging.getLogger("streamvisor.http")
@@ -168,9 +168,10 @@ def _error_of(stored: StoredSession) -> APIError:
     return APIError(error.get("message") or "The stream failed.", status=500, type=error.get("type") or "server_error", code=error.get("code"))
 
 
-async def _follow_memory(session: Session, offset: int, keepalive: float) -> AsyncIterator[tuple[int, list[Delta]] | None]:
-    """The buffer from `offset`, batch by batch, until the session ends; None
-    when nothing arrived for `keepalive` seconds."""
+async def _follow_memory(session: Session, offset: int, keepalive: float) -> AsyncIterator[Any]:
+    """The buffer from `offset`, batch by batch, until the session ends, then
+    its end (a `StoredSession`); None when nothing arrived for `keepalive`
+    seconds."""
     while True:
         chunks = session.chunks
         end = len(chunks)
@@ -178,6 +179,7 @@ async def _follow_memory(session: Session, offset: int, keepalive: float) -> Asy
             yield offset, chunks[offset:end]
             offset = end
         elif session.finished:
+            yield stored_of(session)
             return
         else:
             with trio.move_on_after(keepalive) as scope:
@@ -186,7 +188,9 @@ async def _follow_memory(session: Session, offset: int, keepalive: float) -> Asy
                 yield None
 
 
-async def _follow_store(runtime: Runtime, session_id: str, offset: int, keepalive: float, until_count: int | None) -> AsyncIterator[Any]:
+async def _follow_store(
+    runtime: Runtime, session_id: str, offset: int, keepalive: float, until_count: int | None, ended: Session | None = None
+) -> AsyncIterator[Any]:
     """The stored chunks from `offset`: batches of (offset, deltas), None as a
     keep-alive, and last the final `StoredSession`, or an `APIError` when the
     stream cannot be completed (it is sent as the stream's error event: the
@@ -215,6 +219,8 @@ async def _follow_store(runtime: Runtime, session_id: str, offset: int, keepaliv
                 continue
         if until_count is not None:
             if offset >= until_count:
+                if ended is not None:
+                    yield stored_of(ended)
                 return
             if trio.current_time() > caught_up_by:
                 yield APIError(
@@ -240,38 +246,47 @@ async def _follow_store(runtime: Runtime, session_id: str, offset: int, keepaliv
             yield None
 
 
+async def chunk_source(runtime: Runtime, found: Session | StoredSession | RemoteSession, offset: int, keepalive: float) -> AsyncIterator[Any]:
+    """Where a session's chunks come from, from `offset` on: its buffer, the
+    store, or the server that runs it. The iterator gives `(offset, deltas)`
+    batches, None after `keepalive` seconds without any, and last its end as a
+    `StoredSession` (state, usage, error), or an `APIError` when the rest
+    cannot be had. A transcript that is not kept is a 410 here, before
+    anything is sent."""
+    if isinstance(found, Session):
+        session = found
+        if session.dropped_chunks == 0:
+            return _follow_memory(session, offset, keepalive)
+        if runtime.store is not None:
+            # Finished, and its buffer let go: the store has (or is about to have) it.
+            stored = await runtime.store.get(session.id)
+            if stored is not None and stored.transcript != "kept":
+                raise Gone(f"Session '{session.id}' has finished and its chunks were not stored (store_content = false).")
+            return _follow_store(runtime, session.id, offset, keepalive, until_count=session.chunk_count, ended=session)
+        raise Gone(
+            f"Session '{session.id}' has finished and its chunks are no longer kept: start a session with "
+            "\"background\": true to follow it after its request, or enable the store plugin to replay any session."
+        )
+    if not isinstance(found, StoredSession):
+        # On another server: its directory brings the chunks, and last its end.
+        return found.follow(offset, keepalive)
+    if found.transcript != "kept":
+        why = "was not stored (store_content = false)" if found.transcript == "not_stored" else "was purged (retention)"
+        raise Gone(f"The transcript of session '{found.id}' {why}.")
+    return _follow_store(runtime, found.id, offset, keepalive, until_count=None)
+
+
 async def follow(runtime: Runtime, session_id: str) -> Response:
     offset = start_offset()
     found = await find(runtime, session_id)
     keepalive = runtime.config.server.keepalive_seconds
+    source = await chunk_source(runtime, found, offset, keepalive)
     if isinstance(found, Session):
-        session = found
-        model, created, include_usage = session.request.model, int(session.created_at), session.request.include_usage
-        if session.dropped_chunks == 0:
-            source: AsyncIterator[Any] = _follow_memory(session, offset, keepalive)
-        elif runtime.store is not None:
-            # Finished, and its buffer let go: the store has (or is about to have) it.
-            stored = await runtime.store.get(session.id)
-            if stored is not None and stored.transcript != "kept":
-                raise Gone(f"Session '{session_id}' has finished and its chunks were not stored (store_content = false).")
-            source = _follow_store(runtime, session.id, offset, keepalive, until_count=session.chunk_count)
-        else:
-            raise Gone(
-                f"Session '{session_id}' has finished and its chunks are no longer kept: start a session with "
-                "\"background\": true to follow it after its request, or enable the store plugin to replay any session."
-            )
-    elif not isinstance(found, StoredSession):
-        # On another server: its directory brings the chunks, and last its end.
-        session = None
-        model, created, include_usage = found.model, int(found.created_at), found.include_usage
-        source = found.follow(offset, keepalive)
+        session: Session | None = found
+        model, created, include_usage = found.request.model, int(found.created_at), found.request.include_usage
     else:
-        if found.transcript != "kept":
-            why = "was not stored (store_content = false)" if found.transcript == "not_stored" else "was purged (retention)"
-            raise Gone(f"The transcript of session '{session_id}' {why}.")
         session = None
         model, created, include_usage = found.model, int(found.created_at), found.include_usage
-        source = _follow_store(runtime, found.id, offset, keepalive, until_count=None)
     encoder = sse.ChunkEncoder(completion_id(session_id), model, created)
     # The body runs after the view has returned, outside the request context.
     request_id = getattr(g, "request_id", None)

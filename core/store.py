@@ -23,7 +23,7 @@ from .chat import Delta, Usage
 from .errors import InvalidRequest
 from .sessions import INTERRUPTED, LIVE_STATES, Session, session_object
 
-__all__ = ["INTERRUPTED", "completion_id", "completion_object", "RecordStore", "SessionQuery", "SessionStore", "StoredSession", "UsageRow", "decode_cursor", "encode_cursor"]
+__all__ = ["INTERRUPTED", "completion_id", "completion_object", "stored_of", "RecordStore", "SessionQuery", "SessionStore", "StoredSession", "UsageRow", "decode_cursor", "encode_cursor"]
 
 
 @attrs.frozen
@@ -83,6 +83,28 @@ class StoredSession:
         )
         body["transcript"] = self.transcript
         return body
+
+
+def stored_of(session: Session) -> StoredSession:
+    """A session in memory as a store would give it back: its metadata and end."""
+    return StoredSession(
+        id=session.id,
+        request_id=session.request_id,
+        identity=session.identity,
+        model=session.request.model,
+        provider=session.provider,
+        state=session.state,
+        created_at=session.created_at,
+        finish_reason=session.finish_reason,
+        usage=session.usage,
+        error=None if session.error is None else session.error.summary(),
+        chunks=session.chunk_count,
+        timings=session.timings(),
+        background=session.background,
+        include_usage=session.request.include_usage,
+        team=session.team,
+        key_id=session.key_id,
+    )
 
 
 def completion_id(session_id: str) -> str:

@@ -41,6 +41,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "keys": "streamvisor.plugins.keys:KeysPlugin",
     "store": "streamvisor.plugins.store:StorePlugin",
     "cluster": "streamvisor.plugins.cluster:ClusterPlugin",
+    "responses": "streamvisor.plugins.responses:ResponsesPlugin",
     "usage": "streamvisor.plugins.usage:UsagePlugin",
     "monitor": "streamvisor.plugins.monitor:MonitorPlugin",
     "health": "streamvisor.plugins.health:HealthPlugin",
@@ -51,7 +52,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
 #: without a config file; the repository's plugins.toml enables the same.
 #: Order matters: reasoning splits <think> before the monitor measures chunks,
 #: the cache answers before retries are tried.
-DEFAULT_STACK: tuple[str, ...] = ("reasoning", "cache", "retry", "pricing", "store", "usage", "monitor", "health", "admin")
+DEFAULT_STACK: tuple[str, ...] = ("reasoning", "cache", "retry", "pricing", "store", "responses", "usage", "monitor", "health", "admin")
 
 
 def _version() -> str:

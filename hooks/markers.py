@@ -16,7 +16,7 @@ import warnings
 import pluggy
 
 PROJECT = "streamvisor"
-CONTRACT_VERSION = "1.3"
+CONTRACT_VERSION = "1.4"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)

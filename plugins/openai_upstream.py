@@ -211,6 +211,9 @@ def _proxy_for(url: str) -> str | None:
 class OpenAIUpstream:
     """One OpenAI-compatible upstream, registered as a provider named after it."""
 
+    #: Function tools in a request are passed on (contract 1.4).
+    supports_tools = True
+
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
         self.name = upstream.name

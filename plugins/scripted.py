@@ -38,6 +38,11 @@ class ScriptedModel:
     fail_after: int = -1
     error_status: int = 502
     finish_reason: str = "stop"
+    #: With function tools in the request: call this one (its arguments
+    #: streamed in pieces) instead of answering, unless the last message is a
+    #: tool's result, which the answer then quotes ("The tool said: ...").
+    tool_call: str = ""
+    tool_arguments: str = "{}"
 
 
 @attrs.frozen
@@ -47,6 +52,8 @@ class Settings:
 
 class ScriptedProvider:
     name = "scripted"
+    #: It scripts function calls (`tool_call`): requests with tools may come (contract 1.4).
+    supports_tools = True
 
     def __init__(self, models: list[ScriptedModel]) -> None:
         self.models = {m.name: m for m in models}
@@ -65,9 +72,20 @@ class ScriptedProvider:
             raise UpstreamError(
                 f"scripted failure {self.requests[model.name]} of {model.fail_first}", status=model.error_status
             )
+        last = request.messages[-1]
+        if model.tool_call and request.extra.get("tools") and last.get("role") != "tool":
+            arguments = model.tool_arguments
+            call_id = f"call_{request.session_id.removeprefix('sess_')[:12] or self.requests[model.name]}"
+            yield Delta(tool_calls=[{"index": 0, "id": call_id, "type": "function", "function": {"name": model.tool_call, "arguments": ""}}])
+            for start in range(0, len(arguments), 8):
+                yield Delta(tool_calls=[{"index": 0, "function": {"arguments": arguments[start : start + 8]}}], usage=Usage(prompt_tokens, start // 8 + 1))
+            yield Delta(finish_reason="tool_calls")
+            return
         if model.echo:
             users = [m for m in request.messages if m.get("role") == "user"]
             text = message_text(users[-1]) if users else ""
+        elif model.tool_call and last.get("role") == "tool":
+            text = f"The tool said: {message_text(last)}"
         else:
             text = model.text
         reasoning = _WORDS.findall(model.reasoning)

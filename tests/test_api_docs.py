@@ -19,6 +19,7 @@ text = "Once upon a time there was a gateway that never lost a stream, and every
 delay = 0.01
 
 [plugins.usage]
+[plugins.responses]
 """
 
 

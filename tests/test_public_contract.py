@@ -48,6 +48,9 @@ RUNTIME_PUBLIC = {
     "instance",
     "instance_id",
     "directory",
+    "start_chat",
+    "find_session",
+    "follow_session",
 }
 
 
