@@ -520,3 +520,29 @@ def test_behind_the_documented_nginx_streams_arrive_live_and_any_session_is_stop
         finally:
             nginx.terminate()
             nginx.wait(timeout=10)
+
+
+def test_a_background_response_started_on_a_is_resumed_from_b_after_a_sequence_number(postgres_url, redis, tmp_path):
+    with two_instances(tmp_path, postgres_url, redis, extra="[plugins.responses]") as (_, (a, b)):
+        with openai.OpenAI(base_url=f"{a}/v1", api_key="unused", max_retries=0) as on_a, openai.OpenAI(
+            base_url=f"{b}/v1", api_key="unused", max_retries=0
+        ) as on_b:
+            first = []
+            stream = on_a.responses.create(model="count", input="count", stream=True, background=True)
+            for event in stream:
+                first.append(event)
+                if event.sequence_number == 10:
+                    break
+            stream.close()
+            response_id = first[0].response.id
+            rest = list(on_b.responses.retrieve(response_id, stream=True, starting_after=10))
+            numbers = [e.sequence_number for e in first + rest]
+            assert numbers == list(range(len(numbers)))
+            text = "".join(e.delta for e in first + rest if e.type == "response.output_text.delta")
+            assert text == " ".join(f"w{i:02d}" for i in range(30)) and rest[-1].type == "response.completed"
+            assert on_b.responses.retrieve(response_id).output_text == text
+            # Cancelled through B, while it runs on A.
+            slow = on_a.responses.create(model="slow", input="go", background=True)
+            time.sleep(0.3)
+            assert on_b.responses.cancel(slow.id).status == "cancelled"
+            assert on_a.responses.retrieve(slow.id).status == "cancelled"
