@@ -50,9 +50,14 @@ MESSAGES = [{"role": "user", "content": "Count from one to fifty."}]
 def request_bytes(host: str, port: int, path: str, model: str, stream: bool, tag: str | None = None, headers: Sequence[str] = ()) -> bytes:
     """One request, whole: built once per run (or per stream), never per write.
     `headers` are extra `Name: value` lines (e.g. an Authorization header)."""
-    body: dict[str, Any] = {"model": model, "messages": MESSAGES, "stream": stream}
-    if stream:
-        body["stream_options"] = {"include_usage": True}
+    body: dict[str, Any]
+    if path.endswith("/responses"):
+        # The Responses API: the same prompt, as its `input`; usage is always in its last event.
+        body = {"model": model, "input": MESSAGES[0]["content"], "stream": stream}
+    else:
+        body = {"model": model, "messages": MESSAGES, "stream": stream}
+        if stream:
+            body["stream_options"] = {"include_usage": True}
     if tag is not None:
         body["user"] = tag
     data = json.dumps(body, separators=(",", ":")).encode()
@@ -162,7 +167,10 @@ class Client(asyncio.Protocol):
         if self.cut_after is None:
             body = b"".join(result.body)
             result.events = body.count(b"data:")
-            result.complete = result.status == 200 and (not self.stream or body.endswith(b"data: [DONE]\n\n"))
+            # A chat stream ends with [DONE]; a Responses stream with its terminal event.
+            result.complete = result.status == 200 and (
+                not self.stream or body.endswith(b"data: [DONE]\n\n") or b"event: response.completed\n" in body[-65536:]
+            )
             if not result.complete and result.error is None:
                 result.error = f"status {result.status}: {body[:200]!r}"
         self.state = "idle"

@@ -86,10 +86,14 @@ class Bench:
 
     # -- throughput ---------------------------------------------------------------------
 
-    def load(self, port: int, concurrency: int, *, stream: bool = True, watch: dict[str, int] | None = None, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    def load(
+        self, port: int, concurrency: int, *, stream: bool = True, watch: dict[str, int] | None = None, headers: dict[str, str] | None = None,
+        path: str | None = None,
+    ) -> dict[str, Any]:
         o = self.o
         args = [
             "--port", str(port),
+            *(["--path", path] if path else []),
             "--concurrency", str(concurrency),
             "--duration", str(o["duration"]),
             "--warmup", str(o["warmup"]),

@@ -217,3 +217,30 @@ def test_the_embedded_model_answers_through_the_responses_api(tmp_path):
         with pytest.raises(openai.BadRequestError) as caught:
             client.responses.create(model="gemma-3-270m", input="hi", tools=tools)
         assert "does not take function tools" in str(caught.value)
+
+
+def test_the_openai_agents_sdk_runs_an_agent_turn_with_a_tool_against_the_scripted_provider(server):
+    """A real client of the Responses API: the Agents SDK calls the model, runs
+    the tool the model asked for, sends its output back, and gets the answer."""
+    import agents  # openai-agents, in the test extras
+    agents.set_tracing_disabled(True)  # no trace export to OpenAI's servers
+    calls = []
+
+    @agents.function_tool
+    def get_weather(city: str, unit: str) -> str:
+        """The weather in a city."""
+        calls.append((city, unit))
+        return f"18 {unit} and sunny in {city}"
+
+    # Connection: close: the SDK's event loop is gone before the client could
+    # close a keep-alive connection, which would hold the server's shutdown.
+    client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, default_headers={"Connection": "close"})
+    agent = agents.Agent(
+        name="forecaster",
+        instructions="Answer with the weather.",
+        tools=[get_weather],
+        model=agents.OpenAIResponsesModel(model="weather", openai_client=client),
+    )
+    result = agents.Runner.run_sync(agent, "Weather in Paris?")
+    assert calls == [("Paris", "celsius")]
+    assert result.final_output == "The tool said: 18 celsius and sunny in Paris"

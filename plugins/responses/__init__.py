@@ -73,6 +73,12 @@ class Settings:
     #: Responses whose input is kept in this process's memory at most, when no
     #: store keeps records (for `previous_response_id`).
     max_memory_records: int = attrs.field(default=10_000, validator=positive)
+    #: With a store: records are written in batches, at most this long after
+    #: their response started ...
+    flush_interval_ms: int = attrs.field(default=50, validator=positive)
+    #: ... and at most this many wait (while the database is away); past it the
+    #: oldest are dropped, and counted.
+    max_pending_records: int = attrs.field(default=100_000, validator=positive)
 
 
 def session_id_of(response_id: str) -> str:
@@ -104,6 +110,10 @@ class ResponsesPlugin:
         self.settings = settings
         self.runtime: Any = None
         self._memory: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self._pending: dict[str, dict[str, Any]] = {}
+        self._writing: dict[str, dict[str, Any]] = {}
+        self._wake = trio.Event()
+        self.dropped_records = 0
 
     @hookimpl
     def register_routes(self, register: Any, runtime: Any) -> None:
@@ -113,27 +123,89 @@ class ResponsesPlugin:
         register("/v1/responses/<response_id>/cancel", self.cancel_view, methods=("POST",), openapi=_op("Cancel a response (idempotent)"))
         register("/v1/responses/<response_id>", self.delete_view, methods=("DELETE",), openapi=_op("Delete a response"))
 
+    @hookimpl
+    def register_services(self, register: Any) -> None:
+        register("records", self.run_records)
+
+    @hookimpl
+    async def shutdown(self) -> None:
+        # What is still pending: written once more before the store closes.
+        records = self._records()
+        if records is None or not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        put_many = getattr(records, "put_records", None)
+        try:
+            if put_many is not None:
+                await put_many(RECORD_KIND, list(pending.items()))
+            else:
+                for response_id, data in pending.items():
+                    await records.put_record(RECORD_KIND, response_id, data)
+        except Exception as exc:
+            log.warning("responses: %d records were not written at shutdown (%s)", len(pending), exc)
+
     # -- records: the input of each response, for previous_response_id -----------------------
+    #
+    # One record per stored response. Written in batches by the `records`
+    # service (one transaction per `flush_interval_ms`), not on the request's
+    # path: one transaction per request cost as much CPU as the rest of the
+    # response (measured: 1.4 ms of 3.6 ms at concurrency 32). Until a batch is
+    # written its records are read from `_pending`.
 
     def _records(self) -> RecordStore | None:
         store = self.runtime.store
         return store if isinstance(store, RecordStore) else None
 
-    async def _keep(self, response_id: str, data: dict[str, Any]) -> None:
-        records = self._records()
-        if records is not None:
-            await records.put_record(RECORD_KIND, response_id, data)
+    def _keep(self, response_id: str, data: dict[str, Any]) -> None:
+        if self._records() is not None:
+            pending = self._pending
+            if len(pending) >= self.settings.max_pending_records:
+                del pending[next(iter(pending))]
+                self.dropped_records += 1
+            pending[response_id] = data
+            if not self._wake.is_set():
+                self._wake.set()
             return
         self._memory[response_id] = data
         while len(self._memory) > self.settings.max_memory_records:
             self._memory.popitem(last=False)
 
     async def _record(self, response_id: str) -> dict[str, Any] | None:
-        records = self._records()
-        data = await records.get_record(RECORD_KIND, response_id) if records is not None else self._memory.get(response_id)
+        data = self._pending.get(response_id) or self._writing.get(response_id)
+        if data is None:
+            records = self._records()
+            data = await records.get_record(RECORD_KIND, response_id) if records is not None else self._memory.get(response_id)
         if data is None or data.get("deleted"):
             return None
         return data
+
+    async def run_records(self) -> None:
+        """Write the kept records in batches; a failed batch is tried again."""
+        records = self._records()
+        if records is None:
+            await trio.sleep_forever()  # kept in memory: nothing to write
+        put_many = getattr(records, "put_records", None)
+        backoff = self.settings.flush_interval_ms / 1000
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            self._writing, self._pending = self._pending, {}
+            try:
+                if put_many is not None:
+                    await put_many(RECORD_KIND, list(self._writing.items()))
+                else:
+                    for response_id, data in self._writing.items():
+                        await records.put_record(RECORD_KIND, response_id, data)
+                backoff = self.settings.flush_interval_ms / 1000
+            except Exception as exc:
+                log.warning("responses: %d records could not be written (%s); trying again", len(self._writing), exc)
+                # Newer ones (written meanwhile) win over the ones that failed.
+                self._pending = {**self._writing, **self._pending}
+                self._wake.set()
+                backoff = min(5.0, backoff * 2)
+            finally:
+                self._writing = {}
+            await trio.sleep(backoff)
 
     # -- the request ----------------------------------------------------------------------------
 
@@ -220,7 +292,7 @@ class ResponsesPlugin:
         handed_off = False
         try:
             if meta.store:
-                await self._keep(
+                self._keep(
                     response_id, {"messages": kept, "model": chat.model, "identity": principal.identity, "created_at": session.created_at}
                 )
             headers = {**headers, "X-Session-ID": session.id}
@@ -422,7 +494,7 @@ class ResponsesPlugin:
         if self.runtime.store is not None:
             deleted = await self.runtime.store.delete(session_id) or deleted
         if await self._record(response_id) is not None:
-            await self._keep(response_id, {"deleted": True, "at": time.time()})
+            self._keep(response_id, {"deleted": True, "at": time.time()})
             deleted = True
         if not deleted:
             raise NotFound(f"No response with id '{response_id}'.")

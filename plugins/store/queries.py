@@ -349,6 +349,16 @@ def put_record(conn: Conn, kind: str, record_id: str, data: str, lookup: str | N
     )
 
 
+def put_records(conn: Conn, kind: str, rows: Sequence[tuple[str, str]], at: float) -> None:
+    """Create or replace several records of a kind (no lookups), in the one
+    transaction of `conn`."""
+    conn.many(
+        "INSERT INTO records (kind, id, lookup, data, updated_at) VALUES (?, ?, NULL, ?, ?) ON CONFLICT (kind, id) DO UPDATE SET"
+        " data = excluded.data, updated_at = excluded.updated_at",
+        [(kind, record_id, data, at) for record_id, data in rows],
+    )
+
+
 def get_record(conn: Conn, kind: str, record_id: str) -> dict[str, Any] | None:
     row = conn.one("SELECT data FROM records WHERE kind = ? AND id = ?", (kind, record_id))
     return None if row is None else orjson.loads(row[0])
