@@ -502,3 +502,28 @@ def test_messages_of_calls_without_text_and_text_after_calls():
         {"role": "assistant", "content": "done"},
     ]
     assert messages_of([]) == []
+
+
+def test_feed_bytes_is_byte_for_byte_what_feed_and_encode_give():
+    import random as _random
+
+    from streamvisor.plugins.responses import wire as _wire
+
+    rng = _random.Random(12)
+    kinds = [
+        lambda i: Delta(content=f" w{i}\u00e9\"q"),
+        lambda i: Delta(reasoning=f" r{i}"),
+        lambda i: Delta(tool_calls=[{"index": i % 2, "id": f"call_{i % 2}", "type": "function", "function": {"name": "f", "arguments": "{}"}}]),
+        lambda i: Delta(role="assistant"),
+        lambda i: Delta(content=""),
+    ]
+    for trial in range(20):
+        deltas = [rng.choice(kinds[:1] * 6 + kinds[1:])(i) for i in range(60)]
+        meta = _wire.ResponseMeta(id=f"resp_{trial:024x}", created_at=1, model="m")
+        slow, fast = _wire.Output(meta), _wire.Output(meta)
+        assert slow.start() == fast.start()
+        cut = rng.randrange(1, 59)
+        expected = b"".join(_wire.encode(e) for e in slow.feed(deltas[:cut])) + b"".join(_wire.encode(e) for e in slow.feed(deltas[cut:]))
+        got = fast.feed_bytes(deltas[:cut]) + fast.feed_bytes(deltas[cut:])
+        assert got == expected
+        assert slow.finish("completed", None) == fast.finish("completed", None)

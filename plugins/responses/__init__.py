@@ -344,9 +344,9 @@ class ResponsesPlugin:
         try:
             yield b"".join(wire.encode(e) for e in output.start("queued" if meta.background and session.state == "pending" else "in_progress"))
             async for batch in session.follow(0):
-                events = output.feed(batch)
-                if events:
-                    yield b"".join(wire.encode(e) for e in events)
+                data = output.feed_bytes(batch)
+                if data:
+                    yield data
             status, error, reason = _status(session.state, session.finish_reason, session.error.summary() if session.error else None, meta.background)
             yield b"".join(wire.encode(e) for e in output.finish(status, session.usage, error, reason))
         finally:
@@ -459,6 +459,10 @@ class ResponsesPlugin:
                 elif isinstance(item, APIError):
                     yield wire.encode({"type": "error", "sequence_number": output.sequence, "code": item.code, "message": item.message, "param": None})
                     return
+                elif output.sequence > after:
+                    out = output.feed_bytes(item[1])
+                    if out:
+                        yield out
                 else:
                     out = tail(output.feed(item[1]))
                     if out:

@@ -153,6 +153,8 @@ class _Item:
     given_id: str = ""  # the chat delta's id, or ""
     name: str = ""
     chat_index: Any = None
+    #: `Output.feed_bytes`'s encoded event, before and after the sequence number.
+    template: tuple[bytes, bytes] | None = None
 
     @property
     def text(self) -> str:
@@ -244,6 +246,37 @@ class Output:
                 for piece in delta.tool_calls:
                     self._tool_call(events, piece)
         return events
+
+    def feed_bytes(self, deltas: Sequence[Delta]) -> bytes:
+        """The events for these deltas, encoded: the same bytes as
+        `b"".join(encode(e) for e in feed(deltas))`, with the common case (text
+        for the message being written) encoded from a template instead of a
+        dict per delta (measured: a third of this module's time per stream)."""
+        out: list[bytes] = []
+        for delta in deltas:
+            item = self._open
+            if (
+                delta.content
+                and item is not None
+                and item.kind == _MESSAGE
+                and delta.reasoning is None
+                and not delta.tool_calls
+                and self._started
+                and not self._finished
+            ):
+                template = item.template
+                if template is None:
+                    template = item.template = (
+                        b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":',
+                        b',"item_id":' + orjson.dumps(item.id) + b',"output_index":%d,"content_index":0,"delta":' % item.index,
+                    )
+                item.pieces.append(delta.content)
+                out.append(b"%s%d%s%s,\"logprobs\":[]}\n\n" % (template[0], self._seq, template[1], orjson.dumps(delta.content)))
+                self._seq += 1
+            else:
+                for event in self.feed((delta,)):
+                    out.append(encode(event))
+        return b"".join(out)
 
     def finish(
         self,
