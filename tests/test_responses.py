@@ -244,3 +244,21 @@ def test_the_openai_agents_sdk_runs_an_agent_turn_with_a_tool_against_the_script
     result = agents.Runner.run_sync(agent, "Weather in Paris?")
     assert calls == [("Paris", "celsius")]
     assert result.final_output == "The tool said: 18 celsius and sunny in Paris"
+
+
+def test_keys_and_limits_hold_for_responses_as_for_chat(tmp_path, monkeypatch):
+    monkeypatch.setenv("STREAMVISOR_ADMIN_KEY", "responses-admin")
+    toml = MODELS + RESPONSES + "\n[plugins.keys]\n" + store_toml(f"sqlite:///{tmp_path}/store.db")
+    with start_server(toml) as server:
+        r = httpx.post(f"{server.url}/admin/keys", headers={"Authorization": "Bearer responses-admin"}, json={"name": "one", "identity": "one", "rpm_limit": 1})
+        secret = r.json()["secret"]
+        with openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-sv-not-a-key", max_retries=0) as stranger:
+            with pytest.raises(openai.AuthenticationError):
+                stranger.responses.create(model="fox", input="hi")
+        with openai.OpenAI(base_url=f"{server.url}/v1", api_key=secret, max_retries=0) as keyed:
+            first = keyed.responses.create(model="fox", input="hi")
+            assert first.output_text == FOX
+            with pytest.raises(openai.RateLimitError):
+                keyed.responses.create(model="fox", input="again")
+            # The session behind it is the key's.
+            assert httpx.get(f"{server.url}/v1/sessions/sess_{first.id.removeprefix('resp_')}", headers={"Authorization": f"Bearer {secret}"}).json()["key_id"]

@@ -111,6 +111,7 @@ class ResponsesPlugin:
         self.runtime: Any = None
         self._memory: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
         self._pending: dict[str, dict[str, Any]] = {}
+        self._record_store: Any = False
         self._writing: dict[str, dict[str, Any]] = {}
         self._wake = trio.Event()
         self.dropped_records = 0
@@ -153,8 +154,11 @@ class ResponsesPlugin:
     # written its records are read from `_pending`.
 
     def _records(self) -> RecordStore | None:
-        store = self.runtime.store
-        return store if isinstance(store, RecordStore) else None
+        # Asked once: isinstance() against a Protocol checks every method.
+        if self._record_store is False:
+            store = self.runtime.store
+            self._record_store = store if isinstance(store, RecordStore) else None
+        return self._record_store  # type: ignore[return-value]
 
     def _keep(self, response_id: str, data: dict[str, Any]) -> None:
         if self._records() is not None:
@@ -457,7 +461,7 @@ class ResponsesPlugin:
                         yield out
                     return
                 elif isinstance(item, APIError):
-                    yield wire.encode({"type": "error", "sequence_number": output.sequence, "code": item.code, "message": item.message, "param": None})
+                    yield b"".join(wire.encode(e) for e in output.error(item.message, item.code))
                     return
                 elif output.sequence > after:
                     out = output.feed_bytes(item[1])
