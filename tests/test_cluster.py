@@ -375,6 +375,12 @@ def test_when_redis_goes_away_each_instance_serves_its_own_readiness_says_degrad
             with own_redis(port):
                 body = wait_for_members(a, 2, timeout=20)
                 assert {m["id"] for m in body["members"]} == {m["id"] for m in wait_for_members(b, 2)["members"]}
+                # Readiness says so too, on both, once each has subscribed again.
+                for base in (a, b):
+                    deadline = time.monotonic() + 10
+                    while next(c for c in httpx.get(f"{base}/health/ready").json()["checks"] if c["name"] == "cluster:redis")["detail"]["redis"] != "ok":
+                        assert time.monotonic() < deadline
+                        time.sleep(0.1)
                 session_id = background(a, "count")
                 time.sleep(0.1)
                 r = httpx.post(f"{b}/v1/sessions/{session_id}/stop")

@@ -153,6 +153,8 @@ class ClusterPlugin:
         #: One publish at a time (the service's, and the shutdown's last one).
         self._publish_lock = trio.Lock()
         self._subscribed = False
+        #: Set while subscribed: a command waits for it a moment after Redis came back.
+        self._subscription = trio.Event()
         self._down_since: float | None = None
         self._last_error = ""
         self._error_logged = 0.0
@@ -537,13 +539,17 @@ class ClusterPlugin:
                         with trio.fail_after(self.client.timeout):
                             await conn.execute("SUBSCRIBE", channel)
                         self._subscribed = True
+                        self._subscription.set()
                         backoff = 0.2
                         await self._listen(conn, handlers)
                 except Exception as exc:
                     self._subscribed = False
+                    self._subscription = trio.Event()
                     self._failed("commands", exc)
+                # At most a second between tries: an instance is deaf to stops
+                # until it subscribes again, however long Redis was away.
                 await trio.sleep(backoff)
-                backoff = min(5.0, backoff * 2)
+                backoff = min(1.0, backoff * 2)
 
     async def _listen(self, conn: Any, handlers: trio.Nursery) -> None:
         """Read commands and answers until the connection fails. A subscribed
@@ -666,6 +672,10 @@ class ClusterPlugin:
     async def ask(self, owner: str, op: str, session_id: str) -> tuple[bool, dict[str, Any] | None]:
         """Send a command to instance `owner` and wait for its answer: (whether
         it was delivered, the answer or None when none came in time)."""
+        if not self._subscribed:
+            # Redis may have just come back, and the subscription with it.
+            with trio.move_on_after(min(1.0, self.settings.command_timeout_seconds)):
+                await self._subscription.wait()
         if not self._subscribed:
             raise APIError(
                 "This instance cannot reach the others now (the cluster's Redis is away); try again, or reach the instance running the session.",
