@@ -25,7 +25,7 @@ import datetime
 import logging
 import math
 import time
-from typing import Any, Callable
+from typing import Any
 
 import attrs
 import trio
