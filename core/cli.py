@@ -26,6 +26,7 @@ import trio
 from streamvisor.config import ConfigError, StreamvisorConfig, load_config
 from streamvisor.hooks.manager import DEFAULT_STACK
 
+from . import hypercorn_patch
 from .faults import PluginError
 from .logs import configure
 from .sessions import unwrap
@@ -144,6 +145,7 @@ async def serve(
             hconfig.errorlog = logging.getLogger("hypercorn.error")
             hconfig.graceful_timeout = config.server.shutdown_grace_seconds
             hconfig.keep_alive_timeout = 75
+            hypercorn_patch.apply()  # idle keep-alive connections close at shutdown
             async with trio.open_nursery() as nursery:
                 async def stop_streams_first() -> None:
                     # hypercorn waits up to its graceful timeout for requests in

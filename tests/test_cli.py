@@ -169,3 +169,36 @@ def test_json_logs_carry_the_request_and_session_ids(tmp_path):
     mine = [e for e in entries if e["request_id"] == "json-log-1"]
     assert any(e["logger"] == "streamvisor.http" and "200" in e["message"] for e in mine)
     assert any(e["session_id"] == session_id and e["logger"] == "streamvisor.monitor" for e in mine)
+
+
+def test_sigterm_does_not_wait_for_idle_keep_alive_connections(tmp_path):
+    """A client (a load balancer, say) that keeps an idle connection open must
+    not hold a stopping server for its whole grace period (hypercorn_patch)."""
+    import http.client
+    import threading
+
+    config = tmp_path / "plugins.toml"
+    config.write_text('[server]\nport = 0\nshutdown_grace_seconds = 20\n[plugins.scripted]\n')
+    proc = subprocess.Popen([sys.executable, "-m", "streamvisor.core.cli", "serve", "--config", str(config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            found = re.search(r"listening on http://([\d.]+):(\d+)", line)
+            if found:
+                break
+        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+        connections = []
+        for _ in range(3):
+            conn = http.client.HTTPConnection(found.group(1), int(found.group(2)), timeout=30)
+            conn.request("GET", "/v1/models")
+            assert conn.getresponse().read()
+            connections.append(conn)  # kept open, idle
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        # Far from the 20 s grace: the idle connections were closed, not waited for.
+        assert time.monotonic() - sent < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
