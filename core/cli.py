@@ -145,7 +145,7 @@ async def serve(
             hconfig.errorlog = logging.getLogger("hypercorn.error")
             hconfig.graceful_timeout = config.server.shutdown_grace_seconds
             hconfig.keep_alive_timeout = 75
-            hypercorn_patch.apply()  # idle keep-alive connections close at shutdown
+            hypercorn_patch.apply()  # idle keep-alive connections are closed at shutdown
             async with trio.open_nursery() as nursery:
                 async def stop_streams_first() -> None:
                     # hypercorn waits up to its graceful timeout for requests in
@@ -155,8 +155,23 @@ async def serve(
                     await shutdown.wait()
                     for session in runtime.sessions.live():
                         session.cancel("shutdown")
+                    # Idle keep-alive connections would hold the stop for the
+                    # whole grace period: closed while hypercorn stops.
+                    nursery.start_soon(close_idle_while_stopping)
 
-                binds = await nursery.start(lambda task_status: hypercorn_serve(app, hconfig, shutdown_trigger=stop_streams_first, task_status=task_status))
+                closer = trio.CancelScope()
+
+                async def close_idle_while_stopping() -> None:
+                    with closer:
+                        await hypercorn_patch.close_idle_connections()
+
+                async def run_hypercorn(task_status: trio.TaskStatus[list[str]]) -> None:
+                    try:
+                        await hypercorn_serve(app, hconfig, shutdown_trigger=stop_streams_first, task_status=task_status)
+                    finally:
+                        closer.cancel()
+
+                binds = await nursery.start(run_hypercorn)
                 url = binds[0].replace("0.0.0.0", "127.0.0.1")
                 models = ", ".join(m.id for m in runtime.providers.models()) or "none"
                 # Its own logger, always at INFO: whatever log_level says, an operator
