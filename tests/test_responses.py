@@ -60,6 +60,7 @@ COUNT = "w00 w01 w02 w03 w04 w05 w06 w07 w08 w09 w10 w11 w12 w13 w14 w15 w16 w17
 def test_create_not_streamed_and_streamed_with_the_official_client(server, client):
     response = client.responses.create(model="fox", input="Say something", instructions="Be brief.", max_output_tokens=100, metadata={"k": "v"})
     assert response.status == "completed" and response.output_text == FOX
+    assert [item.status for item in response.output] == ["completed"]
     assert response.id.startswith("resp_") and response.model == "fox" and response.metadata == {"k": "v"}
     assert response.usage.output_tokens == 9 and response.usage.input_tokens > 0
     assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens
@@ -87,6 +88,9 @@ def test_max_output_tokens_makes_it_incomplete_and_reasoning_is_a_reasoning_item
     cut = client.responses.create(model="count", input="count", max_output_tokens=5)
     assert cut.status == "incomplete" and cut.incomplete_details.reason == "max_output_tokens"
     assert cut.output_text == "w00 w01 w02 w03 w04"
+    # A finished response's items are closed: none is left "in_progress".
+    assert [item.status for item in cut.output] == ["incomplete"]
+    assert [item.status for item in client.responses.retrieve(cut.id).output] == ["incomplete"]
     thought = client.responses.create(model="thinker", input="foxes?")
     kinds = [item.type for item in thought.output]
     assert kinds == ["reasoning", "message"] and thought.output_text == "Foxes are quick."

@@ -315,7 +315,7 @@ class ResponsesPlugin:
                 await session.wait_done()
                 output = _built(meta, session.chunks)
                 status, error, reason = _status(session.state, session.finish_reason, session.error.summary() if session.error else None, background)
-                return json_response(output.response(status, session.usage, error, reason), headers=headers)
+                return json_response(_final(output, status, session.usage, error, reason), headers=headers)
             response = Response(
                 self._stream(session, meta),
                 content_type="text/event-stream",
@@ -420,7 +420,10 @@ class ResponsesPlugin:
             temperature=found.request.temperature if isinstance(found, Session) else None,
             top_p=found.request.top_p if isinstance(found, Session) else None,
         )
-        return _built(meta, deltas).response(status, usage if status not in ("queued", "in_progress") else None, error, incomplete)
+        output = _built(meta, deltas)
+        if status in ("queued", "in_progress"):
+            return output.response(status)
+        return _final(output, status, usage, error, incomplete)
 
     async def retrieve_view(self, response_id: str) -> Response:
         found = await _find(self.runtime, response_id)
@@ -634,6 +637,12 @@ def _built(meta: wire.ResponseMeta, deltas: Any) -> wire.Output:
     output.start()
     output.feed(deltas)
     return output
+
+
+def _final(output: wire.Output, status: str, usage: Any, error: dict[str, Any] | None, reason: str | None) -> dict[str, Any]:
+    """A finished response: its items closed (completed, or incomplete when it
+    did not complete), as its terminal event has it."""
+    return output.finish(status, usage, error, reason)[-1]["response"]
 
 
 def _output_of(deltas: list[Delta], response_id: str, model: str) -> list[dict[str, Any]]:
