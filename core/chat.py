@@ -7,9 +7,10 @@ checked; every rule it enforces answers with a 400 naming the offending `param`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import attrs
+import orjson
 
 from .errors import InvalidRequest
 
@@ -91,6 +92,40 @@ class Delta:
     @property
     def visible(self) -> bool:
         return bool(self.content or self.reasoning or self.role or self.tool_calls or self.finish_reason)
+
+
+def deltas_to_json(deltas: Sequence[Delta]) -> bytes:
+    """Deltas as compact JSON, to keep them outside the process (contract 1.4;
+    the store's transcripts and the cluster's published chunks use it): a
+    delta of content only is its string, any other an object of the fields it
+    has (`c` content, `r` reasoning, `o` role, `t` tool calls, `f` finish
+    reason). Usage is not kept. `delta_from_json` reads one item back."""
+    items: list[Any] = []
+    append = items.append
+    for d in deltas:
+        if d.reasoning is None and d.role is None and d.tool_calls is None and d.finish_reason is None and d.content is not None:
+            append(d.content)
+            continue
+        out: dict[str, Any] = {}
+        if d.content is not None:
+            out["c"] = d.content
+        if d.reasoning is not None:
+            out["r"] = d.reasoning
+        if d.role is not None:
+            out["o"] = d.role
+        if d.tool_calls is not None:
+            out["t"] = d.tool_calls
+        if d.finish_reason is not None:
+            out["f"] = d.finish_reason
+        append(out)
+    return orjson.dumps(items)
+
+
+def delta_from_json(item: Any) -> Delta:
+    """One item of `deltas_to_json`'s list as a `Delta` again."""
+    if isinstance(item, str):
+        return Delta(content=item)
+    return Delta(content=item.get("c"), reasoning=item.get("r"), role=item.get("o"), tool_calls=item.get("t"), finish_reason=item.get("f"))
 
 
 def _number(body: dict[str, Any], name: str, lo: float, hi: float) -> float | None:

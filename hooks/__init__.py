@@ -18,7 +18,7 @@ from streamvisor.config.errors import ConfigError
 from streamvisor.config.validators import at_least_one, not_negative, positive
 from streamvisor.core import httpclient
 from streamvisor.core.auth import ADMIN, ANONYMOUS, Admission, Principal, current_principal
-from streamvisor.core.chat import ChatRequest, Delta, Usage, message_text
+from streamvisor.core.chat import ChatRequest, Delta, Usage, delta_from_json, deltas_to_json, message_text
 from streamvisor.core.directory import RemoteSession, SessionDirectory
 from streamvisor.core.errors import (
     APIError,
@@ -60,6 +60,8 @@ __all__ = [
     "Delta",
     "Usage",
     "message_text",
+    "deltas_to_json",
+    "delta_from_json",
     # providers
     "ModelInfo",
     "Provider",

@@ -48,6 +48,7 @@ from streamvisor.hooks import (
     RespClient,
     Session,
     completion_object,
+    deltas_to_json,
     hookimpl,
     json_response,
     listens_to,
@@ -390,7 +391,7 @@ class ClusterPlugin:
                 stream = self.key("chunks", session.id)
                 batch = session.chunks[published.sent : count]
                 commands.append(
-                    ("XADD", stream, "MAXLEN", "~", self.settings.max_stream_entries, wire.entry_id(published.sent), "d", wire.encode_deltas(batch))
+                    ("XADD", stream, "MAXLEN", "~", self.settings.max_stream_entries, wire.entry_id(published.sent), "d", deltas_to_json(batch))
                 )
                 if not published.expires:
                     commands.append(("EXPIRE", stream, int(self.settings.stream_ttl_seconds + self.settings.directory_ttl_seconds)))

@@ -18,44 +18,16 @@ Keys, under the plugin's `key_prefix`:
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import orjson
 
-from streamvisor.hooks import Delta, Usage
-
-
-def encode_deltas(deltas: Sequence[Delta]) -> bytes:
-    """A batch of deltas as JSON: a delta of content only is its string, any
-    other an object of its visible fields."""
-    items: list[Any] = []
-    for d in deltas:
-        if d.content is not None and d.reasoning is None and d.role is None and d.tool_calls is None and d.finish_reason is None:
-            items.append(d.content)
-            continue
-        item: dict[str, Any] = {}
-        if d.content is not None:
-            item["c"] = d.content
-        if d.reasoning is not None:
-            item["r"] = d.reasoning
-        if d.role is not None:
-            item["o"] = d.role
-        if d.tool_calls is not None:
-            item["t"] = d.tool_calls
-        if d.finish_reason is not None:
-            item["f"] = d.finish_reason
-        items.append(item)
-    return orjson.dumps(items)
+from streamvisor.hooks import Delta, Usage, delta_from_json
 
 
 def decode_deltas(data: bytes) -> list[Delta]:
-    out = []
-    for item in orjson.loads(data):
-        if isinstance(item, str):
-            out.append(Delta(content=item))
-        else:
-            out.append(Delta(content=item.get("c"), reasoning=item.get("r"), role=item.get("o"), tool_calls=item.get("t"), finish_reason=item.get("f")))
-    return out
+    """A stream entry's `d` field (`deltas_to_json`) as deltas again."""
+    return [delta_from_json(item) for item in orjson.loads(data)]
 
 
 def usage_json(usage: Usage | None) -> dict[str, Any] | None:

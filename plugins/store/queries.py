@@ -11,7 +11,7 @@ from typing import Any, Sequence
 
 import orjson
 
-from streamvisor.hooks import LIVE_STATES, Delta, SessionQuery, StoredSession, Usage, UsageRow
+from streamvisor.hooks import LIVE_STATES, Delta, SessionQuery, StoredSession, Usage, UsageRow, delta_from_json, deltas_to_json
 
 from .db import Conn
 
@@ -20,33 +20,8 @@ from .db import Conn
 
 
 def encode_deltas(deltas: Sequence[Delta]) -> str:
-    """A batch of deltas as JSON: a delta that is only content is its string,
-    any other an object of its fields (c, r, o, t, f)."""
-    items: list[Any] = []
-    append = items.append
-    for d in deltas:
-        if d.reasoning is None and d.role is None and d.tool_calls is None and d.finish_reason is None and d.content is not None:
-            append(d.content)
-            continue
-        out: dict[str, Any] = {}
-        if d.content is not None:
-            out["c"] = d.content
-        if d.reasoning is not None:
-            out["r"] = d.reasoning
-        if d.role is not None:
-            out["o"] = d.role
-        if d.tool_calls is not None:
-            out["t"] = d.tool_calls
-        if d.finish_reason is not None:
-            out["f"] = d.finish_reason
-        append(out)
-    return orjson.dumps(items).decode()
-
-
-def decode_delta(data: Any) -> Delta:
-    if isinstance(data, str):
-        return Delta(content=data)
-    return Delta(content=data.get("c"), reasoning=data.get("r"), role=data.get("o"), tool_calls=data.get("t"), finish_reason=data.get("f"))
+    """A batch of deltas as the JSON text of a chunk row (`deltas_to_json`)."""
+    return deltas_to_json(deltas).decode()
 
 
 #: The columns of a session row, in the order of the tuples the plugin builds.
@@ -227,7 +202,7 @@ def chunks(conn: Conn, session_id: str, start: int, limit: int) -> list[Delta]:
             break  # a gap (a batch not written yet): stop before it
         skip = expected - seq
         for item in deltas[skip:]:
-            out.append(decode_delta(item))
+            out.append(delta_from_json(item))
         expected = seq + count
     return out[:limit]
 
