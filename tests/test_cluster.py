@@ -26,6 +26,7 @@ import pytest
 
 from .conftest import CI
 from .test_keys import FOX_INPUT, FOX_OUTPUT, redis_reachable
+from .test_responses import broken_at, text_of
 from .test_store import MODELS, events
 
 ADMIN_KEY = "cluster-test-admin-key"
@@ -533,18 +534,12 @@ def test_a_background_response_started_on_a_is_resumed_from_b_after_a_sequence_n
         with openai.OpenAI(base_url=f"{a}/v1", api_key="unused", max_retries=0) as on_a, openai.OpenAI(
             base_url=f"{b}/v1", api_key="unused", max_retries=0
         ) as on_b:
-            first = []
-            stream = on_a.responses.create(model="count", input="count", stream=True, background=True)
-            for event in stream:
-                first.append(event)
-                if event.sequence_number == 10:
-                    break
-            stream.close()
+            first = broken_at(on_a, 10, model="count", input="count")
             response_id = first[0].response.id
             rest = list(on_b.responses.retrieve(response_id, stream=True, starting_after=10))
             numbers = [e.sequence_number for e in first + rest]
             assert numbers == list(range(len(numbers)))
-            text = "".join(e.delta for e in first + rest if e.type == "response.output_text.delta")
+            text = text_of(first + rest)
             assert text == " ".join(f"w{i:02d}" for i in range(30)) and rest[-1].type == "response.completed"
             assert on_b.responses.retrieve(response_id).output_text == text
             # Cancelled through B, while it runs on A.

@@ -57,6 +57,23 @@ FOX = "The quick brown fox jumps over the lazy dog."
 COUNT = "w00 w01 w02 w03 w04 w05 w06 w07 w08 w09 w10 w11 w12 w13 w14 w15 w16 w17 w18 w19 w20 w21 w22 w23 w24 w25 w26 w27 w28 w29"
 
 
+def text_of(events) -> str:
+    return "".join(e.delta for e in events if e.type == "response.output_text.delta")
+
+
+def broken_at(client: openai.OpenAI, sequence: int, **create) -> list:
+    """A background response streamed, and the stream dropped after the event
+    with this sequence number: the events received."""
+    first = []
+    stream = client.responses.create(stream=True, background=True, **create)
+    for event in stream:
+        first.append(event)
+        if event.sequence_number == sequence:
+            break
+    stream.close()
+    return first
+
+
 def test_create_not_streamed_and_streamed_with_the_official_client(server, client):
     response = client.responses.create(model="fox", input="Say something", instructions="Be brief.", max_output_tokens=100, metadata={"k": "v"})
     assert response.status == "completed" and response.output_text == FOX
@@ -113,21 +130,15 @@ def test_background_returns_at_once_then_polls_to_completion(server, client):
 
 def test_a_stream_broken_at_sequence_10_resumes_after_it_without_gap_or_duplicate(server, client):
     whole = list(client.responses.create(model="count", input="count", stream=True))
-    text = "".join(e.delta for e in whole if e.type == "response.output_text.delta")
+    text = text_of(whole)
     assert text == COUNT
     # The same in the background, broken at 10, then resumed.
-    first: list = []
-    stream = client.responses.create(model="count", input="count", stream=True, background=True)
-    for event in stream:
-        first.append(event)
-        if event.sequence_number == 10:
-            break
-    stream.close()
+    first = broken_at(client, 10, model="count", input="count")
     response_id = first[0].response.id
     rest = list(client.responses.retrieve(response_id, stream=True, starting_after=10))
     numbers = [e.sequence_number for e in first + rest]
     assert numbers == list(range(len(numbers)))
-    assert "".join(e.delta for e in first + rest if e.type == "response.output_text.delta") == text
+    assert text_of(first + rest) == text
     assert [e.type for e in first + rest] == [e.type for e in whole]
     assert rest[-1].type == "response.completed"
 
