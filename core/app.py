@@ -9,7 +9,8 @@ the handler is cancelled and the session is cancelled with it.
 `GET /openapi.json` describes every route, plugin routes included (core/openapi.py).
 Plugin routes are added after the core routes. An exception from a plugin's view
 that is not an `APIError` is a fault of that plugin: counted, logged, and
-answered with a 500 envelope like any other.
+answered with a 500 envelope like any other. A plugin route may have a body
+limit of its own (`max_body_bytes`); core/body.py enforces every route's.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from werkzeug.exceptions import HTTPException
 
 from . import openapi, sse
 from .auth import current_principal
+from .body import BoundedHTTPConnection, BoundedRequest, RequestBody
 from .chat import ChatRequest
 from .errors import APIError, InternalError, MethodNotAllowed, NotFound, PayloadTooLarge
 from .logs import request_id_var, session_id_var
@@ -74,7 +76,13 @@ def create_app(runtime: Runtime) -> QuartTrio:
     # No static folder: quart would serve /static/<path:filename>, a route
     # nobody asked for and that /openapi.json would have to describe.
     app = QuartTrio("streamvisor.core.app", root_path=str(Path(__file__).parent), static_folder=None)
-    app.config["MAX_CONTENT_LENGTH"] = runtime.config.server.max_body_bytes
+    # Bodies are bounded per route (core/body.py): until the route is known,
+    # by the largest limit any route has; then by the route's own.
+    app.request_class = BoundedRequest
+    app.asgi_http_class = BoundedHTTPConnection
+    default_limit = runtime.config.server.max_body_bytes
+    body_limits = {_endpoint(route): route.max_body_bytes for route in runtime.routes if route.max_body_bytes is not None}
+    app.config["MAX_CONTENT_LENGTH"] = max([default_limit, *body_limits.values()])
     app.config["PROVIDE_AUTOMATIC_OPTIONS"] = False
     app.extensions["streamvisor"] = runtime
 
@@ -83,6 +91,12 @@ def create_app(runtime: Runtime) -> QuartTrio:
     @app.before_request
     async def start_request() -> None:
         g.t0 = time.perf_counter()
+        limit = default_limit
+        if body_limits and request.url_rule is not None:
+            limit = body_limits.get(request.url_rule.endpoint, default_limit)
+        request.max_content_length = limit
+        if isinstance(request.body, RequestBody):
+            request.body.limit_to(limit)
         given = request.headers.get("X-Request-ID", "")
         g.request_id = given if _SANE_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         request_id_var.set(g.request_id)
@@ -202,11 +216,15 @@ def create_app(runtime: Runtime) -> QuartTrio:
     for route in runtime.routes:
         app.add_url_rule(
             route.path,
-            endpoint=f"{route.plugin}:{route.path}:{','.join(route.methods)}",
+            endpoint=_endpoint(route),
             view_func=_plugin_view(runtime, route.plugin, route.view),
             methods=list(route.methods),
         )
     return app
+
+
+def _endpoint(route: Any) -> str:
+    return f"{route.plugin}:{route.path}:{','.join(route.methods)}"
 
 
 def _where() -> str:
@@ -224,7 +242,9 @@ def _plugin_view(runtime: Runtime, plugin: str, view: Callable[..., Any]) -> Cal
     @functools.wraps(view)
     async def guarded(*args: Any, **kwargs: Any) -> Any:
         try:
-            with trio.move_on_after(timeout):
+            with trio.move_on_after(timeout) as scope:
+                # body_chunks() moves the deadline on as the body arrives.
+                g.streamvisor_route_deadline = (scope, timeout)
                 result = await view(*args, **kwargs)
                 if not isinstance(result, _VIEW_RESULTS):
                     raise TypeError(f"the view returned {type(result).__name__}, which is not a response")

@@ -29,6 +29,9 @@ class ModelInfo:
     target: str | None = None
     owned_by: str = "streamvisor"
     created: int = 0
+    #: The tokens its context holds, prompt and answer together, when the
+    #: provider knows (contract 1.5); None when it does not say.
+    context_length: int | None = None
 
     def to_openai(self) -> dict[str, Any]:
         return {"id": self.id, "object": "model", "created": self.created, "owned_by": self.owned_by}

@@ -70,6 +70,9 @@ class PluginRoute:
     #: The OpenAPI operation of each method the plugin described (upper-case
     #: method names); GET /openapi.json gives the others a generic one.
     openapi: Mapping[str, dict[str, Any]] = attrs.field(factory=dict)
+    #: The route's own limit on a request body (contract 1.5), or None for
+    #: `[server] max_body_bytes`.
+    max_body_bytes: int | None = None
 
 
 def compose(middlewares: list[tuple[str, Middleware]], endpoint: StreamFn, session: Session, faults: PluginFaults) -> StreamFn:
@@ -288,14 +291,23 @@ class Runtime:
         self._transformers.append((plugin, factory))
 
     def _add_route(
-        self, plugin: str, path: str, view: Callable[..., Any], methods: tuple[str, ...] | list[str] = ("GET",), *, openapi: Any = None
+        self,
+        plugin: str,
+        path: str,
+        view: Callable[..., Any],
+        methods: tuple[str, ...] | list[str] = ("GET",),
+        *,
+        openapi: Any = None,
+        max_body_bytes: int | None = None,
     ) -> None:
         if not isinstance(path, str) or not path.startswith("/"):
             raise TypeError(f"a route's path is a string starting with '/', not {path!r}")
         if not callable(view):
             raise TypeError(f"the view of route {path} is {view!r}, not an async function")
+        if max_body_bytes is not None and (isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1):
+            raise TypeError(f"the max_body_bytes of route {path} is a number of bytes (1 or more), not {max_body_bytes!r}")
         methods = tuple(methods)
-        self._routes.append(PluginRoute(plugin, path, view, methods, plugin_operations(openapi, methods, path)))
+        self._routes.append(PluginRoute(plugin, path, view, methods, plugin_operations(openapi, methods, path), max_body_bytes))
 
     def _add_service(self, plugin: str, name: str, run: Callable[[], Any], restart: str = "permanent") -> None:
         if not callable(run):

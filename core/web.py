@@ -1,5 +1,5 @@
 """What HTTP views are made of, for core's routes and plugins' alike: JSON
-responses, reading a JSON body, and the admin key guard.
+responses, reading a JSON body or a body as a stream, and the admin key guard.
 
 Admin routes, whichever plugin adds them, are guarded by `require_admin`: a
 bearer token equal to the `STREAMVISOR_ADMIN_KEY` environment variable, compared
@@ -13,10 +13,11 @@ from __future__ import annotations
 import functools
 import hmac
 import os
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, AsyncIterator, Awaitable, Callable, Mapping
 
 import orjson
-from quart import Response, request
+import trio
+from quart import Response, g, request
 
 from .errors import APIError, InvalidRequest
 
@@ -41,6 +42,27 @@ async def read_json(*, empty: Any = ...) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"The request body is not valid JSON: {exc}.") from None
+
+
+async def body_chunks() -> AsyncIterator[bytes]:
+    """The request's body as it arrives, piece by piece (contract 1.5), for a
+    view that writes it somewhere instead of holding it.
+
+    At most the route's limit comes in all (`[server] max_body_bytes`, or the
+    route's own `max_body_bytes`): past it, or for a `Content-Length` past it,
+    the iteration raises the 413 `request_too_large`. Memory holds a window
+    of the body at a time: a client faster than the view is slowed down.
+    While the body arrives, `[server] route_timeout_seconds` counts from the
+    last piece received, so a large upload is bounded by its pace, not its
+    size. A body can be read once: as a stream, or whole.
+    """
+    deadline = getattr(g, "streamvisor_route_deadline", None)
+    async for chunk in request.body:
+        if deadline is not None:
+            scope, seconds = deadline
+            scope.deadline = max(scope.deadline, trio.current_time() + seconds)
+        if chunk:
+            yield chunk
 
 
 def admin_key() -> str | None:

@@ -42,7 +42,7 @@ from streamvisor.core.providers import ModelInfo, Provider, ProviderRegistry, Ro
 from streamvisor.core.sessions import LIVE_STATES, Session, SessionRegistry, unwrap
 from streamvisor.core.sse import SSEBoundError, SSEDecoder
 from streamvisor.core.store import INTERRUPTED, RecordStore, completion_object, SessionQuery, SessionStore, StoredSession, UsageRow
-from streamvisor.core.web import ADMIN_KEY_ENV, admin_key, bearer_token, check_admin, json_response, read_json, require_admin
+from streamvisor.core.web import ADMIN_KEY_ENV, admin_key, bearer_token, body_chunks, check_admin, json_response, read_json, require_admin
 
 from .manager import BUILTIN_PLUGINS, DEFAULT_STACK, ENTRY_POINT_GROUP, LoadedPlugin, PluginHost  # noqa: F401 (the host's, for the CLI and tests)
 from .markers import CONTRACT_VERSION, StreamvisorDeprecationWarning, hookimpl, hookspec, listens_to
@@ -116,6 +116,7 @@ __all__ = [
     # routes, health, metrics, logs
     "json_response",
     "read_json",
+    "body_chunks",
     "require_admin",
     "admin_key",
     "ADMIN_KEY_ENV",

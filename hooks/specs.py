@@ -89,9 +89,11 @@ def register_chunk_transformers(register, runtime):
 def register_routes(register, runtime):
     """Add HTTP routes.
 
-    :param register: call ``register(path, view, methods=("GET",), openapi=None)``;
-        ``view`` is an async quart view function, ``openapi`` an optional OpenAPI
-        operation object (or one per method) for ``GET /openapi.json``. Raise
+    :param register: call ``register(path, view, methods=("GET",), openapi=None,
+        max_body_bytes=None)``; ``view`` is an async quart view function,
+        ``openapi`` an optional OpenAPI operation object (or one per method) for
+        ``GET /openapi.json``, ``max_body_bytes`` the route's own limit on a
+        request body (1.5; `body_chunks()` reads one as a stream). Raise
         `APIError` for an error response in the OpenAI envelope.
     """
 

@@ -267,7 +267,7 @@ class LocalProvider:
 
     async def list_models(self) -> list[ModelInfo]:
         names = [self.settings.model, *self.settings.aliases]
-        return [ModelInfo(name, target=self.settings.model, owned_by="local") for name in names]
+        return [ModelInfo(name, target=self.settings.model, owned_by="local", context_length=self.settings.n_ctx) for name in names]
 
     def tokenize(self, request: ChatRequest) -> list[int]:
         segments = gemma_segments(request.messages) if self.settings.chat_format == "gemma" else raw_segments(request.messages)

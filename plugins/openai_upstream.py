@@ -102,6 +102,11 @@ class Upstream:
     event_timeout: float = attrs.field(default=60.0, validator=positive)
     #: The longest one response may stream.
     max_stream_seconds: float = attrs.field(default=3600.0, validator=positive)
+    #: It takes OpenAI's file content parts (`{"type": "file", "file":
+    #: {"filename", "file_data"}}`, a PDF) itself: the files plugin passes a
+    #: PDF on instead of its extracted text. Turn off for a server that does
+    #: not (vLLM, llama.cpp's server and Ollama do not).
+    accepts_files: bool = True
 
 
 @attrs.frozen
@@ -217,6 +222,8 @@ class OpenAIUpstream:
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
         self.name = upstream.name
+        #: File parts in a request reach the upstream as they are (contract 1.5).
+        self.accepts_files = upstream.accepts_files
         proxy = _proxy_for(upstream.base_url)
         if proxy:
             log.warning(

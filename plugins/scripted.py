@@ -43,6 +43,9 @@ class ScriptedModel:
     #: tool's result, which the answer then quotes ("The tool said: ...").
     tool_call: str = ""
     tool_arguments: str = "{}"
+    #: What `list_models()` says the model's context holds, in tokens (its
+    #: `ModelInfo.context_length`); 0 says nothing.
+    context_length: int = attrs.field(default=0, validator=attrs.validators.ge(0))
 
 
 @attrs.frozen
@@ -60,7 +63,7 @@ class ScriptedProvider:
         self.requests: dict[str, int] = {m.name: 0 for m in models}
 
     async def list_models(self) -> list[ModelInfo]:
-        return [ModelInfo(name, owned_by="scripted") for name in self.models]
+        return [ModelInfo(name, owned_by="scripted", context_length=m.context_length or None) for name, m in self.models.items()]
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
         model = self.models[request.model]

@@ -14,7 +14,8 @@ import openai
 import pytest
 import trio
 
-from streamvisor.hooks import APIError, Delta, StreamvisorDeprecationWarning, hookimpl, listens_to
+from streamvisor.core.body import WINDOW
+from streamvisor.hooks import APIError, Delta, StreamvisorDeprecationWarning, body_chunks, hookimpl, listens_to, read_json
 
 from .conftest import SCRIPTED, start_server
 
@@ -651,3 +652,60 @@ def test_two_session_directories_stop_start_up():
 
     cause = unwrap(caught.value.__cause__)
     assert isinstance(cause, ConfigError) and "plugins.two" in str(cause) and "session directory" in str(cause)
+
+
+class SlowReader:
+    """A route with its own body limit whose view reads the body as a stream,
+    slower than the client sends it."""
+
+    def __init__(self):
+        self.pieces = []
+
+    @hookimpl
+    def register_routes(self, register):
+        async def upload():
+            total = 0
+            async for piece in body_chunks():
+                self.pieces.append(len(piece))
+                total += len(piece)
+                await trio.sleep(0.002)
+            return {"bytes": total}
+
+        async def echo():
+            return {"bytes": len(await read_json())}
+
+        register("/slow-reader", upload, methods=("POST",), max_body_bytes=64 << 20)
+        register("/whole", echo, methods=("POST",))
+
+
+def test_a_route_has_its_own_body_limit_and_a_body_read_as_a_stream_is_held_a_window_at_a_time():
+    reader = SlowReader()
+    with start_server(SCRIPTED + "\n[plugins.reader]\n", plugins={"reader": reader}, max_body_bytes=1 << 20) as server:
+        http = server.http()
+        sent = 16 << 20
+        answer = http.post("/slow-reader", content=b"x" * sent)
+        assert answer.status_code == 200 and answer.json() == {"bytes": sent}
+        # However far behind the reader was, it never found more than the
+        # window (and one network read) waiting: the rest waited in the client.
+        assert sum(reader.pieces) == sent and max(reader.pieces) <= WINDOW + (256 << 10), max(reader.pieces)
+        # Past the route's limit: 413, streamed or whole; other routes keep [server] max_body_bytes.
+        assert http.post("/slow-reader", content=b"x" * ((64 << 20) + 1)).status_code == 413
+        chunked = http.post("/slow-reader", content=iter([b"x" * (1 << 20)] * 65))
+        assert chunked.status_code == 413 and chunked.json()["error"]["code"] == "request_too_large"
+        assert http.post("/whole", content=b'"' + b"y" * (2 << 20) + b'"').status_code == 413
+        assert http.post("/whole", content=b'"' + b"y" * 1000 + b'"').json() == {"bytes": 1000}
+
+
+def test_a_route_body_limit_that_is_not_a_size_stops_start_up():
+    class Bad:
+        @hookimpl
+        def register_routes(self, register):
+            async def view():
+                return {}
+
+            register("/bad", view, methods=("POST",), max_body_bytes=0)
+
+    with pytest.raises(RuntimeError) as caught:
+        with start_server(SCRIPTED + "\n[plugins.bad]\n", plugins={"bad": Bad()}):
+            pass
+    assert "max_body_bytes" in repr(caught.value.__cause__)

@@ -243,6 +243,11 @@ class Store:
     async def find_record(self, kind: str, lookup: str) -> tuple[str, dict[str, Any]] | None:
         return await self._run(queries.find_record, kind, lookup)
 
+    async def delete_record(self, kind: str, record_id: str) -> bool:
+        """Delete a record (contract 1.5); whether there was one. Of two
+        callers deleting the same record, one gets True."""
+        return await self._run(queries.delete_record, kind, record_id, write=True)
+
     async def list_records(self, kind: str, limit: int, after: str | None = None) -> list[tuple[str, dict[str, Any]]]:
         if limit < 1:
             return []

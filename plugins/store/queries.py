@@ -344,6 +344,10 @@ def find_record(conn: Conn, kind: str, lookup: str) -> tuple[str, dict[str, Any]
     return None if row is None else (row[0], orjson.loads(row[1]))
 
 
+def delete_record(conn: Conn, kind: str, record_id: str) -> bool:
+    return conn.execute("DELETE FROM records WHERE kind = ? AND id = ?", (kind, record_id)).rowcount == 1
+
+
 def list_records(conn: Conn, kind: str, limit: int, after: str | None) -> list[tuple[str, dict[str, Any]]]:
     if after is None:
         rows = conn.all("SELECT id, data FROM records WHERE kind = ? ORDER BY id LIMIT ?", (kind, limit))
