@@ -39,6 +39,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "retry": "streamvisor.plugins.retry:RetryPlugin",
     "pricing": "streamvisor.plugins.pricing:PricingPlugin",
     "keys": "streamvisor.plugins.keys:KeysPlugin",
+    "files": "streamvisor.plugins.files:FilesPlugin",
     "store": "streamvisor.plugins.store:StorePlugin",
     "cluster": "streamvisor.plugins.cluster:ClusterPlugin",
     "responses": "streamvisor.plugins.responses:ResponsesPlugin",
@@ -52,7 +53,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
 #: without a config file; the repository's plugins.toml enables the same.
 #: Order matters: reasoning splits <think> before the monitor measures chunks,
 #: the cache answers before retries are tried.
-DEFAULT_STACK: tuple[str, ...] = ("reasoning", "cache", "retry", "pricing", "responses", "store", "usage", "monitor", "health", "admin")
+DEFAULT_STACK: tuple[str, ...] = ("reasoning", "cache", "retry", "pricing", "responses", "files", "store", "usage", "monitor", "health", "admin")
 
 
 def _version() -> str:

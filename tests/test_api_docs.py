@@ -29,7 +29,7 @@ def test_the_examples_of_the_session_api_run_as_written(tmp_path, monkeypatch):
     setup = [code for kind, code in blocks if kind]
     examples = [code for kind, code in blocks if not kind]
     assert len(setup) == 1 and len(examples) >= 6
-    toml = TOML + f'\n[plugins.store]\nurl = "sqlite:///{tmp_path}/store.db"\n'
+    toml = TOML + f'\n[plugins.files]\nfolder = "{tmp_path}/files"\n\n[plugins.store]\nurl = "sqlite:///{tmp_path}/store.db"\n'
     with start_server(toml) as server:
         namespace: dict = {}
         exec(compile(setup[0], f"{DOC}:setup", "exec"), namespace)
@@ -43,3 +43,4 @@ def test_the_examples_of_the_session_api_run_as_written(tmp_path, monkeypatch):
         assert namespace["ids"][0] == 10
         assert namespace["replayed"].text.startswith("retry: 2000\n")
         assert namespace["page"]["data"] and len(namespace["page"]["data"]) == 2
+        assert namespace["answer"].choices[0].message.content.startswith("Once upon a time")

@@ -70,7 +70,8 @@ FUZZ = settings(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     store = tmp_path_factory.mktemp("fuzz-store") / "store.db"
-    with start_server(TOML + f'[plugins.store]\nurl = "sqlite:///{store}"\n', log_level="warning") as server:
+    files = tmp_path_factory.mktemp("fuzz-files")
+    with start_server(TOML + f'[plugins.files]\nfolder = "{files}"\n[plugins.store]\nurl = "sqlite:///{store}"\n', log_level="warning") as server:
         yield server
 
 
@@ -97,20 +98,22 @@ def problem(status: int, body: bytes, content_type: str) -> str | None:
     return None
 
 
-def with_known_names(strategy: Any, session_ids: list[str]) -> Any:
-    """Cases of which a share asks for a served model, or a session that exists,
-    so that whole sessions run (cache, retry, reasoning, monitor, usage) on
-    fuzzed parameters, and session routes answer more than 404."""
+def with_known_names(strategy: Any, session_ids: list[str], file_ids: list[str]) -> Any:
+    """Cases of which a share asks for a served model, a session or a file that
+    exists, so that whole sessions run (cache, retry, reasoning, monitor, usage)
+    on fuzzed parameters, and session and file routes answer more than 404."""
 
-    def known(pair: tuple[Any, str | None, str | None]) -> Any:
-        case, model, session_id = pair
+    def known(pair: tuple[Any, str | None, str | None, str | None]) -> Any:
+        case, model, session_id, file_id = pair
         if model is not None and isinstance(case.body, dict) and "model" in case.body:
             case.body["model"] = model
         if session_id is not None and "session_id" in (case.path_parameters or {}):
             case.path_parameters["session_id"] = session_id
+        if file_id is not None and "file_id" in (case.path_parameters or {}):
+            case.path_parameters["file_id"] = file_id
         return case
 
-    choices = st.sampled_from([None, *MODELS, *MODELS]), st.sampled_from([None, *session_ids])
+    choices = st.sampled_from([None, *MODELS, *MODELS]), st.sampled_from([None, *session_ids]), st.sampled_from([None, *file_ids])
     return st.tuples(strategy, *choices).map(known)
 
 
@@ -133,9 +136,13 @@ def test_no_operation_answers_5xx_and_every_4xx_is_the_envelope(server, admin_ke
             for i in range(count)
         ]
 
-    session_ids = new_sessions(len(MODELS))
-    # DELETE gets sessions of its own: the other routes' must stay.
-    deletable = new_sessions(2 * FUZZ.max_examples)
+    def new_files(count: int) -> list[str]:
+        # As the fuzzer asks: with the admin key, whose files are its own.
+        return [http.post("/v1/files", files={"purpose": (None, "user_data"), "file": ("notes.md", b"# notes\n")}, headers=AUTH).json()["id"] for _ in range(count)]
+
+    session_ids, file_ids = new_sessions(len(MODELS)), new_files(2)
+    # DELETE gets sessions and files of its own: the other routes' must stay.
+    deletable, deletable_files = new_sessions(2 * FUZZ.max_examples), new_files(2 * FUZZ.max_examples)
     session = requests.Session()
     request.addfinalizer(session.close)  # an idle keep-alive connection would hold the server's shutdown
     problems: list[str] = []
@@ -152,7 +159,13 @@ def test_no_operation_answers_5xx_and_every_4xx_is_the_envelope(server, admin_ke
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE) if negatable else (GenerationMode.POSITIVE,):
 
             @FUZZ
-            @given(case=with_known_names(operation.as_strategy(generation_mode=mode), deletable if operation.method.upper() == "DELETE" else session_ids))
+            @given(
+                case=with_known_names(
+                    operation.as_strategy(generation_mode=mode),
+                    deletable if operation.method.upper() == "DELETE" else session_ids,
+                    deletable_files if operation.method.upper() == "DELETE" else file_ids,
+                )
+            )
             def send(case: Any) -> None:
                 response = case.call(base_url=server.url, session=session, headers=AUTH, timeout=30)
                 statuses.setdefault(operation.label, set()).add(response.status_code)
