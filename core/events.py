@@ -222,6 +222,21 @@ class EventDispatcher:
             Event(type, session.id, session.request_id, session.model, session.provider, time.time(), data, session.identity, outcome, session.team, session.key_id)
         )
 
+    def emit_global(self, type: str, data: dict[str, Any]) -> None:
+        """Build and dispatch an event that belongs to no session (its session
+        fields are empty; `model` and `provider` come from `data` when it has
+        them), if anyone listens to `type`."""
+        listeners = self._by_type.get(type)
+        if listeners is None:
+            if type not in self._types:
+                raise ValueError(f"event type {type!r} was never declared (declare it with the register_event_types hook)")
+            return
+        if type in CORE_TYPES:
+            raise ValueError(f"{type!r} is a session event: only a session emits it")
+        self.dispatch(
+            Event(type, "", "", str(data.get("model") or ""), str(data.get("provider") or ""), time.time(), data, str(data.get("identity") or ""), None, data.get("team"), data.get("key_id"))
+        )
+
     def dispatch(self, event: Event) -> None:
         terminal = event.outcome is not None
         for listener in self._by_type.get(event.type, ()):

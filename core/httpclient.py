@@ -407,8 +407,14 @@ class HTTPClient:
         verify: bool = True,
         ca_file: str | None = None,
         max_header_bytes: int = 64 * 1024,
+        connect_to: str | None = None,
     ) -> None:
         url = check_base_url(base_url)
+        #: The address connections go to, when set (contract 1.5): the host of
+        #: `base_url` is then only the Host header and TLS's server name, so a
+        #: caller that resolved and checked the name itself (an SSRF guard)
+        #: connects to exactly the address it checked.
+        self.connect_to = connect_to
         self.base_url = base_url
         self.host = url.hostname
         self.tls = url.scheme == "https"
@@ -557,7 +563,7 @@ class HTTPClient:
         tcp: trio.SocketStream | None = None
         with trio.move_on_after(self.connect_timeout) as scope:
             try:
-                tcp = await trio.open_tcp_stream(self.host, self.port)
+                tcp = await trio.open_tcp_stream(self.connect_to or self.host, self.port)
             except OSError as exc:
                 raise ConnectError(f"cannot connect to {self.host}:{self.port} ({_describe(exc)})") from exc
             stream: trio.abc.Stream = tcp

@@ -10,7 +10,7 @@ cancels everything left: when `open` returns, no task of the runtime is running.
 
 What plugins may use of a `Runtime` is its public API (documented in
 docs/hooks.md): `config`, `instance`, `instance_id`, `sessions`, `providers`, `events`, `metrics`, `store`, `directory`,
-`health_checks`, `status_panels()`, `plugin_status()`, `open_session()`, `start_chat()`, `find_session()`, `follow_session()`. Names
+`health_checks`, `status_panels()`, `plugin_status()`, `open_session()`, `start_chat()`, `find_session()`, `follow_session()`, `emit()`. Names
 with a leading underscore are the runtime's own.
 """
 
@@ -462,6 +462,15 @@ class Runtime:
                 await _maybe_await(admission.release())
             except Exception:
                 log.exception("releasing an admission failed")
+
+    def emit(self, type: str, **data: Any) -> None:
+        """Dispatch an event that belongs to no session (contract 1.5): a key
+        crossing its budget, a circuit opening. `type` is one this plugin
+        declared; its `Event` has empty session fields, and `model`,
+        `provider`, `identity`, `team` and `key_id` taken from `data` when it
+        has them. Like every non-terminal event, it is dropped (and counted)
+        for a listener whose queue is full."""
+        self.events.emit_global(type, data)
 
     def price(self, model: str, usage: Usage, session: Session | None = None) -> float | None:
         """What `usage` on `model` costs in US dollars: the first registered price

@@ -14,7 +14,7 @@ never hands out its connections.
 from __future__ import annotations
 
 import base64
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
 
 import attrs
 
@@ -23,7 +23,7 @@ from .chat import Delta, Usage
 from .errors import InvalidRequest
 from .sessions import INTERRUPTED, LIVE_STATES, Session, session_object
 
-__all__ = ["INTERRUPTED", "completion_id", "completion_object", "stored_of", "RecordStore", "SessionQuery", "SessionStore", "StoredSession", "UsageRow", "decode_cursor", "encode_cursor"]
+__all__ = ["INTERRUPTED", "completion_id", "completion_object", "stored_of", "OutboxItem", "QueueStore", "QueuedItem", "RecordStore", "SessionQuery", "SessionStore", "StoredSession", "UsageRow", "decode_cursor", "encode_cursor"]
 
 
 @attrs.frozen
@@ -290,3 +290,91 @@ class RecordStore(Protocol):
 
 #: The methods of a `RecordStore`.
 RECORD_METHODS = tuple(name for name, value in vars(RecordStore).items() if callable(value) and not name.startswith("_"))
+
+
+@attrs.frozen
+class OutboxItem:
+    """Work another plugin hands the store to keep until it is done (contract
+    1.5): a webhook delivery, say. `id` is unique within its `queue`; putting an
+    id that is already there does nothing, so a retried write never makes two."""
+
+    queue: str
+    id: str
+    data: dict[str, Any]
+    #: Wall-clock time before which it is not claimed (0: at once).
+    due_at: float = 0.0
+
+
+@attrs.frozen
+class QueuedItem:
+    """An outbox item as the store keeps it."""
+
+    queue: str
+    id: str
+    data: dict[str, Any]
+    #: pending (waiting, or leased to a worker), done, or dead (given up on).
+    state: str
+    due_at: float
+    created_at: float
+    updated_at: float
+    #: The worker holding it, and until when (wall clock), while leased.
+    lease_owner: str | None = None
+    lease_until: float | None = None
+
+
+#: What a plugin hands `QueueStore.on_session_end`: called with a session that
+#: has just reached its final state and when it did (wall clock); returns the
+#: items to write with that state.
+SessionEndHook = Callable[[StoredSession, float], Iterable[OutboxItem]]
+
+
+@runtime_checkable
+class QueueStore(Protocol):
+    """A durable outbox a store may offer (contract 1.5): items written in the
+    same transaction as a session's final state, so a crash never loses one or
+    makes one up, and leased to one worker at a time, so that among several
+    instances sharing the database each item is handled by one. A plugin that
+    needs it checks ``isinstance(runtime.store, QueueStore)``.
+
+    The plugin's worker `claim`s what is due (a lease of `lease_seconds`), does
+    the work, and `settle`s each item: done, dead, or pending again at a later
+    `due_at`. An item whose worker died is claimed again when its lease ends.
+    """
+
+    def on_session_end(self, hook: SessionEndHook) -> None:
+        """Call `hook(session, at)` whenever a session's final state is written
+        (its end, or `interrupted` after its server died) and write what it
+        returns in the same transaction. The hook may run in a worker thread;
+        it must be quick and do no I/O. Register hooks at start-up."""
+
+    async def enqueue(self, items: Iterable[OutboxItem]) -> None:
+        """Write items outside any session (ids already there are left alone)."""
+
+    async def claim(self, queue: str, owner: str, limit: int, lease_seconds: float) -> list[QueuedItem]:
+        """Lease up to `limit` pending items of `queue` that are due and not
+        leased (or whose lease ended) to `owner`, oldest due first."""
+
+    async def settle(self, queue: str, item_id: str, owner: str, state: str, data: dict[str, Any], due_at: float | None = None) -> bool:
+        """End `owner`'s lease of an item: `state` "done", "dead", or "pending"
+        (again at `due_at`), with new `data`. False when the lease is no longer
+        the owner's (it ran out and another worker claimed the item)."""
+
+    async def settle_many(self, queue: str, owner: str, settlements: list[tuple[str, str, dict[str, Any], float | None]]) -> list[bool]:
+        """Several `settle`s of one queue, `(item_id, state, data, due_at)`
+        each, in one transaction: a worker that finishes many items a second
+        pays one write for them. Returns each one's answer."""
+
+    async def requeue(self, queue: str, item_id: str, due_at: float) -> bool:
+        """Make an item pending again at `due_at`, whatever its state (a retry
+        by hand). False when it is leased right now, or there is no such item."""
+
+    async def queue_item(self, queue: str, item_id: str) -> QueuedItem | None:
+        """One item, or None."""
+
+    async def queue_items(self, queue: str, limit: int, before: tuple[float, str] | None = None, state: str | None = None) -> list[QueuedItem]:
+        """The items of a queue, newest first (by creation time, then id): at
+        most `limit`, those created before `before` = (created_at, id)."""
+
+
+#: The methods of a `QueueStore`.
+QUEUE_METHODS = tuple(name for name, value in vars(QueueStore).items() if callable(value) and not name.startswith("_"))

@@ -41,7 +41,7 @@ from streamvisor.core.metrics import Labelled
 from streamvisor.core.providers import ModelInfo, Provider, ProviderRegistry, Route
 from streamvisor.core.sessions import LIVE_STATES, Session, SessionRegistry, unwrap
 from streamvisor.core.sse import SSEBoundError, SSEDecoder
-from streamvisor.core.store import INTERRUPTED, RecordStore, completion_object, SessionQuery, SessionStore, StoredSession, UsageRow
+from streamvisor.core.store import INTERRUPTED, OutboxItem, QueuedItem, QueueStore, RecordStore, completion_object, stored_of, SessionQuery, SessionStore, StoredSession, UsageRow
 from streamvisor.core.web import ADMIN_KEY_ENV, admin_key, bearer_token, body_chunks, check_admin, json_response, read_json, require_admin
 
 from .manager import BUILTIN_PLUGINS, DEFAULT_STACK, ENTRY_POINT_GROUP, LoadedPlugin, PluginHost  # noqa: F401 (the host's, for the CLI and tests)
@@ -102,6 +102,11 @@ __all__ = [
     "RedisConnection",
     "RedisError",
     "RedisScript",
+    # the outbox, events outside sessions (contract 1.5)
+    "QueueStore",
+    "OutboxItem",
+    "QueuedItem",
+    "stored_of",
     # errors
     "APIError",
     "InvalidRequest",

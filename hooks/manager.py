@@ -43,6 +43,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "store": "streamvisor.plugins.store:StorePlugin",
     "cluster": "streamvisor.plugins.cluster:ClusterPlugin",
     "responses": "streamvisor.plugins.responses:ResponsesPlugin",
+    "webhooks": "streamvisor.plugins.webhooks:WebhooksPlugin",
     "usage": "streamvisor.plugins.usage:UsagePlugin",
     "monitor": "streamvisor.plugins.monitor:MonitorPlugin",
     "health": "streamvisor.plugins.health:HealthPlugin",

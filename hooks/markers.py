@@ -16,7 +16,7 @@ import warnings
 import pluggy
 
 PROJECT = "streamvisor"
-CONTRACT_VERSION = "1.4"
+CONTRACT_VERSION = "1.5"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)

@@ -247,6 +247,8 @@ class CircuitBreaker:
     _opened_at: float = 0.0
     _probing: bool = False
     opened: int = 0
+    #: Called with the breaker each time the circuit opens.
+    on_open: Callable[["CircuitBreaker"], None] | None = None
 
     def __attrs_post_init__(self) -> None:
         self._recent = collections.deque(maxlen=self.settings.failures)
@@ -313,6 +315,8 @@ class CircuitBreaker:
         log.warning(
             "circuit of provider %r is open for %g s after %d failures", self.provider, self.settings.cooldown, self.settings.failures
         )
+        if self.on_open is not None:
+            self.on_open(self)
 
     def describe(self) -> dict[str, Any]:
         state = self.state
@@ -388,7 +392,7 @@ async def _read_head(stream: AsyncIterator[Delta]) -> tuple[list[Delta], bool]:
 
 class RetryPlugin:
     Settings = Settings
-    streamvisor_contract = "1.0"
+    streamvisor_contract = "1.5"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -420,6 +424,7 @@ class RetryPlugin:
         )
         register("retry", "the provider call is retried before its first chunk (data: attempt, delay, model, provider, reason, error, error_type, status)")
         register("fallback", "the call moves to a fallback model before its first chunk (data: from_model, from_provider, to_model, to_provider, reason, error, error_type, status)")
+        register("upstream.circuit_opened", "a provider's circuit breaker opened; no session (data: provider, failures, window_seconds, cooldown_seconds, times_opened)")
 
     @hookimpl
     def startup(self, runtime: Any) -> None:
@@ -443,9 +448,21 @@ class RetryPlugin:
     def breaker(self, provider: str) -> CircuitBreaker:
         breaker = self.breakers.get(provider)
         if breaker is None:
-            breaker = self.breakers[provider] = CircuitBreaker(provider, self.settings.circuit)
+            breaker = self.breakers[provider] = CircuitBreaker(provider, self.settings.circuit, on_open=self._opened)
             self.circuit_state.labels(provider).set_function(lambda: STATE_VALUES[breaker.state])
         return breaker
+
+    def _opened(self, breaker: CircuitBreaker) -> None:
+        runtime = getattr(self, "runtime", None)
+        if runtime is not None:
+            runtime.emit(
+                "upstream.circuit_opened",
+                provider=breaker.provider,
+                failures=breaker.settings.failures,
+                window_seconds=breaker.settings.window,
+                cooldown_seconds=breaker.settings.cooldown,
+                times_opened=breaker.opened,
+            )
 
     def policy(self, model: str, provider: str) -> Policy:
         """The plugin's policy, then the provider's table, then the model's: the most specific wins."""

@@ -30,6 +30,7 @@ PLUGIN_FILES = sorted((ROOT / "plugins").rglob("*.py"))
 #: The Runtime's public API (docs/hooks.md, "The runtime").
 RUNTIME_PUBLIC = {
     "config",
+    "emit",
     "sessions",
     "providers",
     "events",

@@ -499,7 +499,7 @@ def test_retention_purges_transcripts_then_metadata(store_url):
         time.sleep(0.8)
         store = next(p.plugin for p in server.runtime._host if p.name == "store")
         day = 86400
-        assert server.run(store.purge, time.time() + 0.5 * day) == {"transcripts": 0, "metadata": 0, "usage": 0, "tombstones": 0}
+        assert server.run(store.purge, time.time() + 0.5 * day) == {"transcripts": 0, "metadata": 0, "usage": 0, "outbox": 0, "tombstones": 0}
         assert server.run(store.purge, time.time() + 1.5 * day)["transcripts"] == 1
         assert http.get(f"/v1/sessions/{session_id}").json()["transcript"] == "purged"
         assert http.get(f"/v1/sessions/{session_id}/stream").status_code == 410
@@ -737,12 +737,13 @@ def test_db_status_and_upgrade_by_hand(store_url, tmp_path):
     cli = [sys.executable, "-m", "streamvisor.core.cli", "db"]
     status = subprocess.run([*cli, "status", "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert status.returncode == 0, status.stderr
-    assert "schema version: 0 (latest 2)" in status.stdout and "pending: 1 sessions" in status.stdout and "pending: 2 teams" in status.stdout
+    assert "schema version: 0 (latest 3)" in status.stdout and "pending: 1 sessions" in status.stdout and "pending: 2 teams" in status.stdout
+    assert "pending: 3 the outbox" in status.stdout
     upgrade = subprocess.run([*cli, "upgrade", "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert upgrade.returncode == 0, upgrade.stderr
-    assert "applied migration 1" in upgrade.stdout and "applied migration 2" in upgrade.stdout and "up to date" in upgrade.stdout
+    assert all(f"applied migration {n}" in upgrade.stdout for n in (1, 2, 3)) and "up to date" in upgrade.stdout
     again = subprocess.run([*cli, "status", "--config", str(config)], capture_output=True, text=True, timeout=60)
-    assert "schema version: 2 (latest 2)" in again.stdout and "up to date" in again.stdout
+    assert "schema version: 3 (latest 3)" in again.stdout and "up to date" in again.stdout
     if store_url.startswith("sqlite"):
         assert os.path.exists(store_url.removeprefix("sqlite:///"))
 
@@ -836,7 +837,7 @@ def test_a_database_of_schema_1_is_upgraded_in_place(store_url, monkeypatch):
     server = start(store_toml(store_url))
     try:
         http = server.http()
-        assert server.run(server.runtime.status_panels)["store"]["status"]["schema_version"] == 2
+        assert server.run(server.runtime.status_panels)["store"]["status"]["schema_version"] == 3
         http.post("/v1/chat/completions", json={"model": "fox", "messages": [{"role": "user", "content": "a b c"}]})
         wait_stored(server)
         usage = http.get("/v1/usage").json()
@@ -954,6 +955,81 @@ def test_concurrent_lookups_and_additions_from_two_servers_are_exact(store_url):
 
         outcomes = servers[0].run(race, servers[0])
         assert sorted(outcomes) == ["taken"] * 9 + ["won"]
+    finally:
+        for server in servers:
+            server.stop()
+
+
+# -- the outbox (contract 1.5) ------------------------------------------------------------------------
+
+
+def test_the_outbox_leases_each_item_to_one_worker_and_settles_it(store_url):
+    """Two servers claiming one queue at once, from several tasks each: every
+    item is leased to exactly one claimer; a lease that ran out is claimed
+    again and the late owner's settle is refused; done items stay done, a
+    retry by hand makes them pending."""
+    from streamvisor.hooks import OutboxItem, QueueStore
+
+    servers = [start(store_toml(store_url)), start(store_toml(store_url))]
+    try:
+        store = servers[0].runtime.store
+        assert isinstance(store, QueueStore)
+        run = servers[0].run
+        items = [OutboxItem("test:q", f"m{i:03d}", {"n": i}) for i in range(60)]
+        run(store.enqueue, items)
+        run(store.enqueue, items[:5])  # ids already there: nothing more
+        later = OutboxItem("test:q", "later", {}, due_at=time.time() + 3600)
+        run(store.enqueue, [later])
+
+        def claim_all(server: ServerThread, owner: str, into: list) -> None:
+            async def work() -> None:
+                import trio
+
+                async def one() -> None:
+                    while True:
+                        got = await server.runtime.store.claim("test:q", owner, 4, 60)
+                        if not got:
+                            return
+                        into.extend(got)
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(3):
+                        nursery.start_soon(one)
+
+            server.run(work)
+
+        claimed: list[list] = [[], []]
+        threads = [threading.Thread(target=claim_all, args=(server, f"w{n}", into)) for n, (server, into) in enumerate(zip(servers, claimed))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        ids = [item.id for item in claimed[0] + claimed[1]]
+        assert sorted(ids) == [f"m{i:03d}" for i in range(60)]  # each once; "later" is not due
+        assert all(item.lease_owner == "w0" for item in claimed[0]) and all(item.lease_owner == "w1" for item in claimed[1])
+        first = claimed[0][0] if claimed[0] else claimed[1][0]
+        owner = first.lease_owner
+        assert run(store.settle, "test:q", first.id, "someone-else", "done", {}) is False
+        assert run(store.settle, "test:q", first.id, owner, "pending", {"tries": 1}, time.time() - 1) is True
+        # Pending and due again: claimable, with its new data.
+        again = run(store.claim, "test:q", "w2", 10, 0.2)
+        assert [(i.id, i.data) for i in again] == [(first.id, {"tries": 1})]
+        time.sleep(0.3)  # its lease runs out: another worker takes it, and w2 can no longer settle
+        assert [i.id for i in run(store.claim, "test:q", "w3", 10, 60)] == [first.id]
+        assert run(store.settle, "test:q", first.id, "w2", "done", {}) is False
+        assert run(store.requeue, "test:q", first.id, time.time()) is False  # leased right now
+        assert run(store.settle, "test:q", first.id, "w3", "done", {"ok": True}) is True
+        assert run(store.claim, "test:q", "w4", 10, 60) == []
+        shown = run(store.queue_item, "test:q", first.id)
+        assert shown.state == "done" and shown.data == {"ok": True} and shown.lease_owner is None
+        # By hand: pending again, claimable once more.
+        assert run(store.requeue, "test:q", first.id, time.time()) is True
+        assert [i.id for i in run(store.claim, "test:q", "w5", 10, 60)] == [first.id]
+        # Newest first, in pages, by state.
+        page = run(store.queue_items, "test:q", 3)
+        assert [i.id for i in page] == ["later", "m059", "m058"]
+        assert [i.id for i in run(store.queue_items, "test:q", 2, (page[-1].created_at, page[-1].id))] == ["m057", "m056"]
+        assert [i.id for i in run(store.queue_items, "test:q", 100, None, "done")] == []
     finally:
         for server in servers:
             server.stop()

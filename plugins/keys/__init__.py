@@ -177,7 +177,7 @@ def _iso(at: float) -> str:
 
 class KeysPlugin:
     Settings = Settings
-    streamvisor_contract = "1.2"
+    streamvisor_contract = "1.5"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -191,6 +191,9 @@ class KeysPlugin:
         self._to_settle: list[Settlement] = []
         self._settle_wake = trio.Event()
         self._cache: dict[str, _Cached] = {}
+        #: (scope id, period) -> (budget, its period, identity, key id, team) of
+        #: spend counted and not yet added to the store (bounded).
+        self._budgets: dict[tuple[str, str], tuple[float, str | None, str, str, str | None]] = {}
         self._teams: dict[str, tuple[Team | None, float]] = {}
         self._pending: dict[str, _Pending] = {}
         #: (kind, scope, period) -> amount not yet added to the store.
@@ -254,6 +257,14 @@ class KeysPlugin:
             register("leases", self.run_leases)
         else:
             register("windows", self.run_trim)
+
+    @hookimpl
+    def register_event_types(self, register: Any) -> None:
+        register(
+            "key.budget_exceeded",
+            "a key's or a team's spend passed its budget for the period; no session "
+            "(data: scope, key_id, team, identity, budget_usd, spent_usd, budget_period, period)",
+        )
 
     @hookimpl
     def register_health_checks(self, register: Any) -> None:
@@ -487,6 +498,11 @@ class KeysPlugin:
             self._settle_limits(pending, event.session_id, usage.total_tokens, cost)
         scope_ids = [f"key:{pending.key_id}"] + ([f"team:{pending.team}"] if pending.team else [])
         self._add_spend(scope_ids, time.time(), cost, usage.total_tokens)
+        if cost > 0:
+            for scope in pending.scopes:
+                if scope.limits.max_budget_usd is not None and len(self._budgets) < 100_000:
+                    # What `flush` compares the stored spend with, once it is added.
+                    self._budgets[(scope.id, scope.period)] = (scope.limits.max_budget_usd, scope.limits.budget_period, event.identity, pending.key_id, pending.team)
 
     def _add_spend(self, scope_ids: list[str], at: float, cost: float, tokens: int) -> None:
         """Count a session's cost, tokens and request for the store's spend
@@ -533,10 +549,11 @@ class KeysPlugin:
             try:
                 for slot in list(batch):
                     kind, scope_id, period = slot
-                    await self.store.add_amount(kind, scope_id, period, batch[slot])
-                    del batch[slot]
+                    total = await self.store.add_amount(kind, scope_id, period, batch[slot])
+                    added = batch.pop(slot)
                     if kind == SPEND_KIND:
                         self._floors.pop((scope_id, period), None)
+                        self._crossed(scope_id, period, total, added)
             except BaseException as exc:
                 # What was not written goes back, failed or cancelled alike.
                 for slot, amount in batch.items():
@@ -546,6 +563,28 @@ class KeysPlugin:
                 log.warning("keys: adding spend to the store failed (%s); it is kept and retried", exc)
                 return False
             return True
+
+    def _crossed(self, scope_id: str, period: str, total: float, added: float) -> None:
+        """Emit `key.budget_exceeded` when this addition took a scope's stored
+        spend past its budget. The store's addition is atomic, so among all the
+        instances exactly one sees the total cross the line."""
+        budget = self._budgets.pop((scope_id, period), None)
+        if budget is None:
+            return
+        limit, budget_period, identity, key_id, team = budget
+        if total >= limit > total - added:
+            scope, _, name = scope_id.partition(":")
+            self.runtime.emit(
+                "key.budget_exceeded",
+                scope=scope,
+                key_id=name if scope == "key" else key_id,
+                team=name if scope == "team" else team,
+                identity=identity if scope == "key" else None,
+                budget_usd=limit,
+                spent_usd=round(total, 9),
+                budget_period=budget_period,
+                period=period,
+            )
 
     async def charge_interrupted(self) -> int:
         """Charge the sessions the store marked interrupted (their server died

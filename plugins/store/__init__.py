@@ -33,7 +33,7 @@ import logging
 import math
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterable
 
 import attrs
 import orjson
@@ -48,12 +48,15 @@ from streamvisor.hooks import (
     Delta,
     Event,
     Health,
+    OutboxItem,
+    QueuedItem,
     Session,
     SessionQuery,
     StoredSession,
     UsageRow,
     hookimpl,
     listens_to,
+    stored_of,
     positive,
 )
 
@@ -80,6 +83,9 @@ class Retention:
     metadata: float = attrs.field(default=90.0, validator=attrs.validators.ge(0))
     #: The usage ledger.
     usage: float = attrs.field(default=400.0, validator=attrs.validators.ge(0))
+    #: Outbox items that are done or were given up on (webhook deliveries);
+    #: pending ones are never purged.
+    outbox: float = attrs.field(default=30.0, validator=attrs.validators.ge(0))
 
 
 @attrs.frozen
@@ -126,6 +132,8 @@ class _Tracked:
     #: Its terminal event, once it came: the final write.
     ended: Event | None = None
     held: bool = False
+    #: Its outbox rows (contract 1.5), made once when it ended.
+    outbox: list[tuple[Any, ...]] = attrs.Factory(list)
 
 
 @attrs.define(eq=False)
@@ -135,6 +143,7 @@ class _Batch:
     sessions: list[tuple[Any, ...]] = attrs.Factory(list)
     chunks: list[tuple[Any, ...]] = attrs.Factory(list)
     records: list[tuple[Any, ...]] = attrs.Factory(list)
+    outbox: list[tuple[Any, ...]] = attrs.Factory(list)
     #: (tracked, chunks collected, chunk rows included, whether its final row is in)
     advances: list[tuple[_Tracked, int, int, bool]] = attrs.Factory(list)
 
@@ -193,7 +202,60 @@ class Store:
         that died) `interrupted`, with their output so far and their usage
         recorded once (contract 1.3: what the cluster plugin calls when a
         server stops beating). Returns their ids; a second call finds none."""
-        return await self._run(queries.recover, owner, write=True)
+        plugin = self._plugin
+
+        def recover(conn: Any) -> list[str]:
+            return queries.recover(conn, owner, outbox=plugin.outbox_rows if plugin.end_hooks else None)
+
+        return await self._run(recover, write=True)
+
+    # -- QueueStore (contract 1.5) ----------------------------------------------------------
+
+    def on_session_end(self, hook: Callable[[StoredSession, float], Iterable[OutboxItem]]) -> None:
+        if not callable(hook):
+            raise TypeError("on_session_end takes a function of (session, at)")
+        self._plugin.end_hooks.append(hook)
+
+    async def enqueue(self, items: Iterable[OutboxItem]) -> None:
+        rows = _outbox_rows(items, time.time())
+        if rows:
+            await self._run(queries.enqueue, rows, write=True)
+
+    async def claim(self, queue: str, owner: str, limit: int, lease_seconds: float) -> list[QueuedItem]:
+        if limit < 1:
+            return []
+        now = time.time()
+        # A read first: most polls find nothing due, and a write transaction
+        # would take SQLite's write lock from the session writer for nothing.
+        if not await self._run(queries.due, queue, now):
+            return []
+        return await self._run(queries.claim, queue, owner, limit, now, now + lease_seconds, write=True)
+
+    async def settle(self, queue: str, item_id: str, owner: str, state: str, data: dict[str, Any], due_at: float | None = None) -> bool:
+        if state not in ("pending", "done", "dead"):
+            raise ValueError(f"an outbox item is settled pending, done or dead, not {state!r}")
+        encoded = orjson.dumps(data).decode()
+        return await self._run(queries.settle, queue, item_id, owner, state, encoded, due_at, time.time(), write=True)
+
+    async def settle_many(self, queue: str, owner: str, settlements: list[tuple[str, str, dict[str, Any], float | None]]) -> list[bool]:
+        for _, state, _, _ in settlements:
+            if state not in ("pending", "done", "dead"):
+                raise ValueError(f"an outbox item is settled pending, done or dead, not {state!r}")
+        if not settlements:
+            return []
+        rows = [(item_id, state, orjson.dumps(data).decode(), due_at) for item_id, state, data, due_at in settlements]
+        return await self._run(queries.settle_many, queue, owner, rows, time.time(), write=True)
+
+    async def requeue(self, queue: str, item_id: str, due_at: float) -> bool:
+        return await self._run(queries.requeue, queue, item_id, due_at, time.time(), write=True)
+
+    async def queue_item(self, queue: str, item_id: str) -> QueuedItem | None:
+        return await self._run(queries.queue_item, queue, item_id)
+
+    async def queue_items(self, queue: str, limit: int, before: tuple[float, str] | None = None, state: str | None = None) -> list[QueuedItem]:
+        if limit < 1:
+            return []
+        return await self._run(queries.queue_items, queue, limit, before, state)
 
     async def usage(
         self,
@@ -262,6 +324,17 @@ class Store:
         return await self._run(queries.amount, kind, amount_id, period)
 
 
+def _outbox_rows(items: Iterable[OutboxItem], now: float) -> list[tuple[Any, ...]]:
+    """Outbox items as rows (`queries.OUTBOX_COLUMNS`); a TypeError for what
+    JSON cannot hold, here and not in the worker thread."""
+    rows = []
+    for item in items:
+        if not isinstance(item, OutboxItem):
+            raise TypeError(f"an outbox item is an OutboxItem, not {type(item).__name__}")
+        rows.append((item.queue, item.id, "pending", item.due_at or now, orjson.dumps(item.data).decode(), now, now))
+    return rows
+
+
 def _unavailable(reason: str) -> APIError:
     return APIError(f"The session store cannot answer: {reason}", status=503, type="server_error", code="store_unavailable", headers={"Retry-After": "1"})
 
@@ -276,7 +349,7 @@ class _Metrics:
 
 class StorePlugin:
     Settings = Settings
-    streamvisor_contract = "1.3"
+    streamvisor_contract = "1.5"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -304,7 +377,7 @@ class StorePlugin:
         self.lost_chunks = 0
         self.untracked = 0
         self.last_write: float | None = None
-        self.purged: dict[str, int] = {"transcripts": 0, "metadata": 0, "usage": 0, "tombstones": 0}
+        self.purged: dict[str, int] = {"transcripts": 0, "metadata": 0, "usage": 0, "outbox": 0, "tombstones": 0}
         interval = settings.flush_interval_ms / 1000
         #: The writer's clock.
         self._tick = min(TICK_SECONDS, interval)
@@ -314,6 +387,9 @@ class StorePlugin:
         #: chunk's arrival to the database" true, not only on average.
         self._interval = max(self._tick, interval - 2 * self._tick)
         self._transcript = "kept" if settings.store_content else "not_stored"
+        #: Other plugins' on_session_end hooks (contract 1.5).
+        self.end_hooks: list[Callable[[StoredSession, float], Iterable[OutboxItem]]] = []
+        self.outbox_faults = 0
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -351,7 +427,7 @@ class StorePlugin:
             db.open()
             applied = db.migrate()
             with db.connection() as conn:
-                recovered = queries.recover(conn, self.owner_name, every_run=True)
+                recovered = queries.recover(conn, self.owner_name, every_run=True, outbox=self.outbox_rows if self.end_hooks else None)
             return applied, recovered, db.status()["current"]
 
         try:
@@ -415,6 +491,19 @@ class StorePlugin:
     def register_status_panels(self, register: Any) -> None:
         register("status", self.status)
 
+    def outbox_rows(self, session: StoredSession, at: float) -> list[tuple[Any, ...]]:
+        """The outbox rows the on_session_end hooks give for a session that
+        ended. A hook that raises is logged and gives nothing: the session's
+        own write must not fail for it."""
+        rows: list[tuple[Any, ...]] = []
+        for hook in self.end_hooks:
+            try:
+                rows += _outbox_rows(hook(session, at), time.time())
+            except Exception:
+                self.outbox_faults += 1
+                log.exception("store: an on_session_end hook failed for session %s", session.id)
+        return rows
+
     # -- tracking -----------------------------------------------------------------------------
 
     def track(self, session: Session) -> None:
@@ -438,6 +527,8 @@ class StorePlugin:
         if tracked is None:
             return  # not stored (untracked or deleted)
         tracked.ended = event
+        if self.end_hooks:
+            tracked.outbox = self.outbox_rows(stored_of(tracked.session), event.at)
         # Its last chunks are encoded now and its buffer let go: held until the
         # next write, a finished session's deltas would outlive the young
         # garbage collections and cost the full ones (measured: ~30 µs a session).
@@ -562,6 +653,7 @@ class StorePlugin:
             batch.sessions.append(self._row(tracked, tracked.collected, tracked.output_chars, wall))
             if tracked.ended is not None:
                 batch.records.append(self._record(tracked.ended))
+                batch.outbox.extend(tracked.outbox)
             # What this batch writes of it: its terminal event may come, and
             # more chunks be encoded, while the batch is being written.
             batch.advances.append((tracked, tracked.collected, len(tracked.encoded), tracked.ended is not None))
@@ -586,7 +678,7 @@ class StorePlugin:
 
             def write() -> None:
                 with db.connection() as conn:
-                    queries.write(conn, batch.sessions, batch.chunks, batch.records)
+                    queries.write(conn, batch.sessions, batch.chunks, batch.records, batch.outbox)
 
             t0 = time.perf_counter()
             try:
@@ -701,6 +793,8 @@ class StorePlugin:
             steps.append(("metadata", lambda conn: queries.purge_metadata(conn, now - days.metadata * 86400, now)))
         if days.usage:
             steps.append(("usage", lambda conn: queries.purge_usage(conn, now - days.usage * 86400)))
+        if days.outbox:
+            steps.append(("outbox", lambda conn: queries.purge_outbox(conn, now - days.outbox * 86400)))
         if self.settings.tombstone_days:
             steps.append(("tombstones", lambda conn: queries.purge_tombstones(conn, now - self.settings.tombstone_days * 86400)))
         done: dict[str, int] = {}

@@ -7,11 +7,11 @@ written again whole without duplicating a chunk or a usage record.
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import orjson
 
-from streamvisor.hooks import LIVE_STATES, Delta, SessionQuery, StoredSession, Usage, UsageRow, delta_from_json, deltas_to_json
+from streamvisor.hooks import LIVE_STATES, Delta, QueuedItem, SessionQuery, StoredSession, Usage, UsageRow, delta_from_json, deltas_to_json
 
 from .db import Conn
 
@@ -85,22 +85,29 @@ def _insert_many(conn: Conn, table: str, columns: Sequence[str], rows: Sequence[
             start += size
 
 
-def write(conn: Conn, sessions: Sequence[Sequence[Any]], chunks: Sequence[Sequence[Any]], records: Sequence[Sequence[Any]]) -> None:
+def write(
+    conn: Conn, sessions: Sequence[Sequence[Any]], chunks: Sequence[Sequence[Any]], records: Sequence[Sequence[Any]], outbox: Sequence[Sequence[Any]] = ()
+) -> None:
     """Write a batch in three multi-row statements, whatever its size: session
     rows (`ROW_COLUMNS`, upserted), chunk batches (session, first offset,
-    count, `encode_deltas`) and usage records (`USAGE_COLUMNS`). The rows are
-    made by the caller, on the trio thread: here only the database works."""
+    count, `encode_deltas`) and usage records (`USAGE_COLUMNS`); and the outbox
+    items of the sessions that ended (`OUTBOX_COLUMNS`), in the same
+    transaction. The rows are made by the caller, on the trio thread: here only
+    the database works."""
     _insert_many(conn, "sessions", ROW_COLUMNS, sessions, f"ON CONFLICT (id) DO UPDATE SET {_ROW_UPDATE}")
     _insert_many(conn, "chunks", ("session_id", "seq", "count", "data"), chunks, "ON CONFLICT (session_id, seq) DO NOTHING")
     _insert_many(conn, "usage_records", USAGE_COLUMNS, records, "ON CONFLICT (session_id) DO NOTHING")
+    if outbox:
+        _insert_many(conn, "outbox", OUTBOX_COLUMNS, outbox, "ON CONFLICT (queue, id) DO NOTHING")
 
 
-def recover(conn: Conn, owner: str, *, every_run: bool = False) -> list[str]:
+def recover(conn: Conn, owner: str, *, every_run: bool = False, outbox: Callable[[StoredSession, float], list[tuple[Any, ...]]] | None = None) -> list[str]:
     """Mark the sessions of `owner` (a `Runtime.instance_id`) that were live
     when its process died `interrupted`, keeping the output they reached, and
     record their usage: the counts they had, else estimates (never exact: the
     stream was cut). With `every_run`, `owner` is an instance *name*, and the
-    sessions of every earlier run of it count (start-up: its own)."""
+    sessions of every earlier run of it count (start-up: its own). `outbox`
+    gives the outbox rows of each interrupted session, written with it."""
     if every_run:
         # The name alone (rows from before contract 1.3), or the name, "@" and a tag.
         where, args = "(owner = ? OR (owner > ? AND owner < ?))", (owner, owner + "@", owner + "A")
@@ -123,6 +130,11 @@ def recover(conn: Conn, owner: str, *, every_run: bool = False) -> list[str]:
             " ON CONFLICT (session_id) DO NOTHING",
             (session_id,),
         )
+        if outbox is not None:
+            stored = get(conn, session_id)
+            if stored is not None:
+                row = conn.one("SELECT finished_at FROM sessions WHERE id = ?", (session_id,))
+                _insert_many(conn, "outbox", OUTBOX_COLUMNS, outbox(stored, float(row[0])), "ON CONFLICT (queue, id) DO NOTHING")
     return ids
 
 
@@ -371,6 +383,93 @@ def add_amount(conn: Conn, kind: str, amount_id: str, period: str, amount: float
 def amount(conn: Conn, kind: str, amount_id: str, period: str) -> float:
     row = conn.one("SELECT amount FROM amounts WHERE kind = ? AND id = ? AND period = ?", (kind, amount_id, period))
     return 0.0 if row is None else float(row[0])
+
+
+# -- the outbox (QueueStore) ----------------------------------------------------------------
+
+#: The columns of an outbox row, in the order of the plugin's tuples.
+OUTBOX_COLUMNS = ("queue", "id", "state", "due_at", "data", "created_at", "updated_at")
+_ITEM_COLUMNS = "queue, id, data, state, due_at, created_at, updated_at, lease_owner, lease_until"
+
+
+def _item(row: Sequence[Any]) -> QueuedItem:
+    queue, item_id, data, state, due_at, created_at, updated_at, lease_owner, lease_until = row
+    return QueuedItem(queue, item_id, orjson.loads(data), state, float(due_at), float(created_at), float(updated_at), lease_owner, lease_until)
+
+
+def enqueue(conn: Conn, rows: Sequence[Sequence[Any]]) -> None:
+    _insert_many(conn, "outbox", OUTBOX_COLUMNS, rows, "ON CONFLICT (queue, id) DO NOTHING")
+
+
+def due(conn: Conn, queue: str, now: float) -> bool:
+    """Whether any item of the queue is due and free (a hint: `claim` decides)."""
+    row = conn.one(
+        "SELECT 1 FROM outbox WHERE queue = ? AND state = 'pending' AND due_at <= ? AND (lease_until IS NULL OR lease_until <= ?) LIMIT 1",
+        (queue, now, now),
+    )
+    return row is not None
+
+
+def claim(conn: Conn, queue: str, owner: str, limit: int, now: float, lease_until: float) -> list[QueuedItem]:
+    """Lease what is due, in one statement. Under SQLite the write transaction
+    serializes claims. Under PostgreSQL the rows picked are locked, and a
+    concurrent claim skips them (SKIP LOCKED) rather than wait; once this one
+    commits they are leased, so an item goes to one worker."""
+    free = "state = 'pending' AND due_at <= ? AND (lease_until IS NULL OR lease_until <= ?)"
+    lock = " FOR UPDATE SKIP LOCKED" if conn.dialect == "postgres" else ""
+    rows = conn.all(
+        f"UPDATE outbox SET lease_owner = ?, lease_until = ? WHERE queue = ? AND {free} AND id IN"
+        f" (SELECT id FROM outbox WHERE queue = ? AND {free} ORDER BY due_at, id LIMIT ?{lock}) RETURNING {_ITEM_COLUMNS}",
+        (owner, lease_until, queue, now, now, queue, now, now, limit),
+    )
+    return sorted((_item(r) for r in rows), key=lambda item: (item.due_at, item.id))
+
+
+def settle(conn: Conn, queue: str, item_id: str, owner: str, state: str, data: str, due_at: float | None, at: float) -> bool:
+    cursor = conn.execute(
+        "UPDATE outbox SET state = ?, data = ?, due_at = COALESCE(?, due_at), lease_owner = NULL, lease_until = NULL, updated_at = ?"
+        " WHERE queue = ? AND id = ? AND lease_owner = ?",
+        (state, data, due_at, at, queue, item_id, owner),
+    )
+    return cursor.rowcount == 1
+
+
+def settle_many(conn: Conn, queue: str, owner: str, rows: Sequence[tuple[str, str, str, float | None]], at: float) -> list[bool]:
+    """Several settlements, (id, state, data, due_at) each, in one transaction."""
+    return [settle(conn, queue, item_id, owner, state, data, due_at, at) for item_id, state, data, due_at in rows]
+
+
+def requeue(conn: Conn, queue: str, item_id: str, due_at: float, at: float) -> bool:
+    cursor = conn.execute(
+        "UPDATE outbox SET state = 'pending', due_at = ?, lease_owner = NULL, lease_until = NULL, updated_at = ?"
+        " WHERE queue = ? AND id = ? AND (lease_until IS NULL OR lease_until <= ?)",
+        (due_at, at, queue, item_id, at),
+    )
+    return cursor.rowcount == 1
+
+
+def queue_item(conn: Conn, queue: str, item_id: str) -> QueuedItem | None:
+    row = conn.one(f"SELECT {_ITEM_COLUMNS} FROM outbox WHERE queue = ? AND id = ?", (queue, item_id))
+    return None if row is None else _item(row)
+
+
+def queue_items(conn: Conn, queue: str, limit: int, before: tuple[float, str] | None, state: str | None) -> list[QueuedItem]:
+    where, args = ["queue = ?"], [queue]
+    if before is not None:
+        where.append("(created_at < ? OR (created_at = ? AND id < ?))")
+        args += [before[0], before[0], before[1]]
+    if state is not None:
+        where.append("state = ?")
+        args.append(state)
+    rows = conn.all(f"SELECT {_ITEM_COLUMNS} FROM outbox WHERE {' AND '.join(where)} ORDER BY created_at DESC, id DESC LIMIT ?", (*args, limit))
+    return [_item(r) for r in rows]
+
+
+def purge_outbox(conn: Conn, before: float) -> int:
+    """Items done or dead since before `before`; pending ones always stay."""
+    keys = conn.all("SELECT queue, id FROM outbox WHERE state <> 'pending' AND updated_at < ? LIMIT ?", (before, PURGE_BATCH))
+    conn.many("DELETE FROM outbox WHERE queue = ? AND id = ?", [(r[0], r[1]) for r in keys])
+    return len(keys)
 
 
 # -- retention ---------------------------------------------------------------------------

@@ -112,6 +112,29 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             )""",
         ],
     ),
+    (
+        3,
+        "the outbox: other plugins' durable work items (contract 1.5)",
+        [
+            """CREATE TABLE outbox (
+                queue TEXT NOT NULL,
+                id TEXT NOT NULL,
+                state TEXT NOT NULL,
+                due_at DOUBLE PRECISION NOT NULL,
+                lease_owner TEXT,
+                lease_until DOUBLE PRECISION,
+                data TEXT NOT NULL,
+                created_at DOUBLE PRECISION NOT NULL,
+                updated_at DOUBLE PRECISION NOT NULL,
+                PRIMARY KEY (queue, id)
+            )""",
+            # Partial: a worker's claim scans only what is waiting.
+            "CREATE INDEX outbox_due ON outbox (queue, due_at) WHERE state = 'pending'",
+            "CREATE INDEX outbox_created ON outbox (queue, created_at, id)",
+            # Retention purges finished items by age.
+            "CREATE INDEX outbox_updated ON outbox (updated_at) WHERE state <> 'pending'",
+        ],
+    ),
 ]
 
 LATEST = MIGRATIONS[-1][0]
