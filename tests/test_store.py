@@ -1022,6 +1022,11 @@ def test_the_outbox_leases_each_item_to_one_worker_and_settles_it(store_url):
         assert run(store.claim, "test:q", "w4", 10, 60) == []
         shown = run(store.queue_item, "test:q", first.id)
         assert shown.state == "done" and shown.data == {"ok": True} and shown.lease_owner is None
+        # Several at once, in one transaction: each answered on its own.
+        second, third = [i for i in claimed[0] + claimed[1] if i.id != first.id and i.lease_owner == owner][:2]
+        settlements = [(second.id, "dead", {"why": "gone"}, None), ("m999", "done", {}, None), (third.id, "done", {}, None)]
+        assert run(store.settle_many, "test:q", owner, settlements) == [True, False, True]
+        assert run(store.queue_item, "test:q", second.id).state == "dead"
         # By hand: pending again, claimable once more.
         assert run(store.requeue, "test:q", first.id, time.time()) is True
         assert [i.id for i in run(store.claim, "test:q", "w5", 10, 60)] == [first.id]
@@ -1029,7 +1034,7 @@ def test_the_outbox_leases_each_item_to_one_worker_and_settles_it(store_url):
         page = run(store.queue_items, "test:q", 3)
         assert [i.id for i in page] == ["later", "m059", "m058"]
         assert [i.id for i in run(store.queue_items, "test:q", 2, (page[-1].created_at, page[-1].id))] == ["m057", "m056"]
-        assert [i.id for i in run(store.queue_items, "test:q", 100, None, "done")] == []
+        assert [i.id for i in run(store.queue_items, "test:q", 100, None, "done")] == [third.id]
     finally:
         for server in servers:
             server.stop()

@@ -225,10 +225,6 @@ class Store:
         if limit < 1:
             return []
         now = time.time()
-        # A read first: most polls find nothing due, and a write transaction
-        # would take SQLite's write lock from the session writer for nothing.
-        if not await self._run(queries.due, queue, now):
-            return []
         return await self._run(queries.claim, queue, owner, limit, now, now + lease_seconds, write=True)
 
     async def settle(self, queue: str, item_id: str, owner: str, state: str, data: dict[str, Any], due_at: float | None = None) -> bool:

@@ -401,15 +401,6 @@ def enqueue(conn: Conn, rows: Sequence[Sequence[Any]]) -> None:
     _insert_many(conn, "outbox", OUTBOX_COLUMNS, rows, "ON CONFLICT (queue, id) DO NOTHING")
 
 
-def due(conn: Conn, queue: str, now: float) -> bool:
-    """Whether any item of the queue is due and free (a hint: `claim` decides)."""
-    row = conn.one(
-        "SELECT 1 FROM outbox WHERE queue = ? AND state = 'pending' AND due_at <= ? AND (lease_until IS NULL OR lease_until <= ?) LIMIT 1",
-        (queue, now, now),
-    )
-    return row is not None
-
-
 def claim(conn: Conn, queue: str, owner: str, limit: int, now: float, lease_until: float) -> list[QueuedItem]:
     """Lease what is due, in one statement. Under SQLite the write transaction
     serializes claims. Under PostgreSQL the rows picked are locked, and a

@@ -101,6 +101,8 @@ MAX_LISTED = 100
 SESSION_END_DELAY = 0.07
 #: An endpoint holds at most this many times its max_concurrent deliveries.
 PREFETCH = 3
+#: Attempts' results are written together, this long after the first of them.
+SETTLE_DELAY = 0.05
 #: How far back start-up looks for interrupted sessions not yet announced.
 INTERRUPTED_DAYS = 7
 #: Standard Webhooks' schedule after the first attempt: 5 s, 5 min, 30 min,
@@ -149,7 +151,7 @@ class Settings:
     #: One attempt (resolving, connecting, sending, the answer) takes at most this long.
     timeout_seconds: float = attrs.field(default=15.0, validator=positive)
     #: Attempts in flight per endpoint, per instance.
-    max_concurrent: int = attrs.field(default=4, validator=positive)
+    max_concurrent: int = attrs.field(default=8, validator=positive)
     #: How often the dispatcher looks for due deliveries.
     poll_interval_seconds: float = attrs.field(default=1.0, validator=positive)
     #: How often endpoints changed by another instance are read again.
@@ -556,13 +558,12 @@ class WebhooksPlugin:
                 nursery.start_soon(self.run_settler)
                 backoff = self.settings.poll_interval_seconds
                 while not self._stopping:
-                    ended = self._soon
-                    if ended is not None:
+                    ended, self._soon = self._soon, None
+                    if ended is not None and not self._backlog:
                         # A session ended: its deliveries come with the store's
                         # next write (every 50 ms). Look once that is done, with
-                        # the sessions that end meanwhile; under load the first
-                        # of them ended long enough ago, and this waits nothing.
-                        self._soon = None
+                        # the sessions that end meanwhile. With a backlog there
+                        # is due work already: no waiting then.
                         delay = ended + SESSION_END_DELAY - time.monotonic()
                         if delay > 0:
                             await trio.sleep(delay)
@@ -619,6 +620,11 @@ class WebhooksPlugin:
         try:
             while waiting:
                 item = waiting.popleft()
+                # With more due than there was room for, claim again while
+                # this endpoint still has one round of work in hand: the
+                # workers never wait for the claim, and a claim takes many.
+                if self._backlog and len(waiting) <= self._slots(endpoint_id):
+                    self._wake.set()
                 endpoint = self.endpoints.get(endpoint_id)
                 if endpoint is None or not endpoint.enabled:
                     # Switched off or removed meanwhile: give it back untouched.
@@ -631,8 +637,10 @@ class WebhooksPlugin:
                     log.exception("webhooks: delivering %s to %s failed unexpectedly", item.id, endpoint_id)
         finally:
             self._inflight[endpoint_id] -= 1
-            if self._backlog:
-                self._wake.set()
+
+    def _slots(self, endpoint_id: str) -> int:
+        endpoint = self.endpoints.get(endpoint_id)
+        return (endpoint.max_concurrent if endpoint is not None and endpoint.max_concurrent else None) or self.settings.max_concurrent
 
     def _give_back_waiting(self) -> None:
         """At shutdown: the claimed deliveries no worker started go back, due at once."""
@@ -715,7 +723,7 @@ class WebhooksPlugin:
         while True:
             await self._settle_wake.wait()
             self._settle_wake = trio.Event()
-            await trio.sleep(0.01)  # let the attempts ending now join the batch
+            await trio.sleep(SETTLE_DELAY)  # let the attempts ending now join the batch
             try:
                 await self.flush_settlements()
                 backoff = 0.02
