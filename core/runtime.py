@@ -10,7 +10,7 @@ cancels everything left: when `open` returns, no task of the runtime is running.
 
 What plugins may use of a `Runtime` is its public API (documented in
 docs/hooks.md): `config`, `instance`, `instance_id`, `sessions`, `providers`, `events`, `metrics`, `store`, `directory`,
-`health_checks`, `status_panels()`, `plugin_status()`, `open_session()`, `start_chat()`, `find_session()`, `follow_session()`, `emit()`. Names
+`health_checks`, `status_panels()`, `plugin_status()`, `open_session()`, `start_chat()`, `find_session()`, `follow_session()`, `emit()`, `authenticate()`. Names
 with a leading underscore are the runtime's own.
 """
 
@@ -644,14 +644,16 @@ class Runtime:
             raise
         return session, admission_headers(admissions)
 
-    async def find_session(self, session_id: str) -> "Session | StoredSession | RemoteSession":
+    async def find_session(self, session_id: str, principal: Principal | None = None) -> "Session | StoredSession | RemoteSession":
         """A session wherever it is (contract 1.4): in memory, on another server
         (`directory`), or in the store, under core's rules: a session the
-        request's caller may not see is a `NotFound` (404) like an unknown id,
-        and a deleted or purged one a 410. Call it while serving a request."""
+        caller may not see is a `NotFound` (404) like an unknown id, and a
+        deleted or purged one a 410. The caller is `principal` (1.5: a route
+        that authenticates its own way, the console's cookie), else the
+        request's."""
         from .session_api import find
 
-        return await find(self, session_id)
+        return await find(self, session_id, principal)
 
     async def follow_session(self, found: "Session | StoredSession | RemoteSession", offset: int = 0, keepalive: float | None = None) -> AsyncIterator[Any]:
         """The chunks of a session `find_session` gave, from `offset` on, as

@@ -62,12 +62,13 @@ def _missing(session_id: str) -> NotFound:
     return NotFound(f"No session with id '{session_id}' (it never existed, or it is older than the retention and no store keeps it).")
 
 
-async def find(runtime: Runtime, session_id: str) -> Session | StoredSession | RemoteSession:
+async def find(runtime: Runtime, session_id: str, principal: Principal | None = None) -> Session | StoredSession | RemoteSession:
     """The session in memory, else on another server (the directory), else in
     the store; 404, or 410 when the store says it was deleted or purged.
     Another caller's session is a 404 too: the answer never tells whether an id
-    exists."""
-    principal = current_principal()
+    exists. The caller is `principal`, else the request's."""
+    if principal is None:
+        principal = current_principal()
     session = runtime.sessions.find(session_id)
     if session is not None:
         if not principal.sees(session.identity, session.team):

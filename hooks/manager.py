@@ -44,6 +44,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "cluster": "streamvisor.plugins.cluster:ClusterPlugin",
     "responses": "streamvisor.plugins.responses:ResponsesPlugin",
     "webhooks": "streamvisor.plugins.webhooks:WebhooksPlugin",
+    "console": "streamvisor.plugins.console:ConsolePlugin",
     "usage": "streamvisor.plugins.usage:UsagePlugin",
     "monitor": "streamvisor.plugins.monitor:MonitorPlugin",
     "health": "streamvisor.plugins.health:HealthPlugin",

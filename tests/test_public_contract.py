@@ -31,6 +31,7 @@ PLUGIN_FILES = sorted((ROOT / "plugins").rglob("*.py"))
 RUNTIME_PUBLIC = {
     "config",
     "emit",
+    "authenticate",
     "sessions",
     "providers",
     "events",

@@ -188,6 +188,12 @@ class Store:
     async def gone(self, session_id: str) -> str | None:
         return await self._run(queries.gone, session_id)
 
+    async def request_of(self, session_id: str) -> dict[str, Any] | None:
+        """What a session was asked (contract 1.5, optional): `{"messages",
+        "parameters", "extra"}`, or None when it is not kept
+        (`store_content = false`, or purged with the transcript)."""
+        return await self._run(queries.request_of, session_id)
+
     async def chunks(self, session_id: str, start: int, limit: int) -> list[Delta]:
         return await self._run(queries.chunks, session_id, start, limit)
 

@@ -196,6 +196,11 @@ def get(conn: Conn, session_id: str) -> StoredSession | None:
     return None if row is None else _stored(row)
 
 
+def request_of(conn: Conn, session_id: str) -> dict[str, Any] | None:
+    row = conn.one("SELECT request FROM sessions WHERE id = ?", (session_id,))
+    return None if row is None or row[0] is None else orjson.loads(row[0])
+
+
 def gone(conn: Conn, session_id: str) -> str | None:
     row = conn.one("SELECT reason FROM tombstones WHERE session_id = ?", (session_id,))
     return None if row is None else row[0]

@@ -1,0 +1,378 @@
+"""The `console` plugin: a web page where operators see every live stream,
+stop it, and read what it said.
+
+`/console` serves server-rendered pages whose small script modules read the
+console's own JSON and SSE routes (`/console/api/...`); its assets are files of
+this package, and nothing is loaded from the internet. Signing in takes the
+admin key (everything) or an API key (its identity's sessions only): see
+auth.py. The live page is pushed over SSE by one hub for all viewers
+(live.py), which reads the sessions' buffers once per tick and costs the
+streams nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import attrs
+import orjson
+import trio
+from quart import Response, redirect, request, send_from_directory
+
+from streamvisor.hooks import (
+    ANONYMOUS,
+    APIError,
+    InvalidRequest,
+    NotFound,
+    Principal,
+    Session,
+    SessionQuery,
+    StoredSession,
+    hookimpl,
+    json_response,
+    positive,
+)
+
+from . import pages
+from .auth import COOKIE, Signer, describe
+from .live import Hub
+
+log = logging.getLogger("streamvisor.console")
+
+__all__ = ["ConsolePlugin", "Settings"]
+
+STATIC = Path(__file__).parent / "static"
+#: History rows per page.
+HISTORY_PAGE = 50
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+@attrs.frozen
+class Settings:
+    #: How often the live page is updated (all changes of a tick in one message).
+    tick_ms: int = attrs.field(default=250, validator=positive)
+    #: A sign-in lasts this long.
+    session_hours: float = attrs.field(default=12.0, validator=positive)
+    #: The key cookies are signed with; by default derived from the admin key
+    #: (so every instance with the same admin key accepts the same cookies).
+    secret: str = ""
+    #: "auto": Secure cookies over https and on loopback addresses; "always"; "never".
+    secure_cookies: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "always", "never")))
+    #: Concurrent live-page viewers at most (each holds an SSE connection).
+    max_viewers: int = attrs.field(default=100, validator=positive)
+
+
+class ConsolePlugin:
+    Settings = Settings
+    streamvisor_contract = "1.5"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.signer = Signer(settings.secret)
+        self.runtime: Any = None
+        self.hub: Hub | None = None
+        self.version = str(int(time.time()))
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    @hookimpl
+    def register_routes(self, register: Any, runtime: Any) -> None:
+        self.runtime = runtime
+        self.hub = Hub(runtime, self.settings.tick_ms / 1000)
+        page = {"summary": "A page of the console (HTML)", "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}}}
+        register("/console", self.index, openapi=page)
+        register("/console/login", self.login_page, openapi=page)
+        register("/console/login", self.login, methods=("POST",), openapi=_form("Sign in to the console with the admin key or an API key"))
+        register("/console/logout", self.logout, methods=("POST",), openapi=_form("Sign out of the console"))
+        register("/console/live", self.live_page, openapi=page)
+        register("/console/sessions/<session_id>", self.session_page, openapi=page)
+        register("/console/static/<path:name>", self.static, openapi={"summary": "The console's scripts and styles", "responses": {"200": {"description": "a file"}}})
+        register("/console/api/feed", self.feed, openapi=_api("The live sessions, pushed as they change (SSE)", "text/event-stream"))
+        register("/console/api/history", self.history, openapi=_api("Finished sessions, newest first"))
+        register("/console/api/sessions/<session_id>", self.session_data, openapi=_api("A session with its request and output"))
+        register("/console/api/sessions/<session_id>/stream", self.session_stream, openapi=_api("A session's output as it grows (SSE)", "text/event-stream"))
+        register("/console/api/sessions/<session_id>/stop", self.stop, methods=("POST",), openapi=_api("Stop a session"))
+
+    @hookimpl
+    def register_services(self, register: Any) -> None:
+        assert self.hub is not None
+        register("live", self.hub.run)
+
+    @hookimpl
+    def register_status_panels(self, register: Any) -> None:
+        register("viewers", lambda: {"live_viewers": len(self.hub.viewers) if self.hub else 0})
+
+    # -- who is signed in -------------------------------------------------------------------
+
+    def principal(self) -> Principal | None:
+        return self.signer.read(request.cookies.get(COOKIE), self.settings.session_hours * 3600)
+
+    def _require(self) -> Principal:
+        principal = self.principal()
+        if principal is None:
+            raise APIError("Sign in to the console first.", status=401, type="invalid_request_error", code="not_signed_in")
+        return principal
+
+    def _check_action(self) -> Principal:
+        """An action (a POST): signed in, the CSRF token, and no other site's Origin."""
+        principal = self._require()
+        origin = request.headers.get("Origin")
+        if origin is not None and urllib.parse.urlsplit(origin).netloc != request.host:
+            raise APIError("This request came from another site.", status=403, type="permission_error", code="csrf_failed")
+        token = request.headers.get("X-CSRF-Token")
+        if not self.signer.csrf_ok(request.cookies.get(COOKIE, ""), token):
+            raise APIError("The console's CSRF token is missing or wrong: reload the page.", status=403, type="permission_error", code="csrf_failed")
+        return principal
+
+    def _secure(self) -> bool:
+        mode = self.settings.secure_cookies
+        if mode != "auto":
+            return mode == "always"
+        forwarded = request.headers.get("X-Forwarded-Proto", "")
+        return request.scheme == "https" or forwarded == "https" or request.host.rsplit(":", 1)[0] in _LOOPBACK
+
+    def _html(self, title: str, body: str, principal: Principal | None, current: str = "", scripts: tuple[str, ...] = ()) -> Response:
+        cookie = request.cookies.get(COOKIE, "")
+        text = pages.layout(
+            title, body, who=None if principal is None else describe(principal), csrf=self.signer.csrf(cookie) if cookie else "",
+            current=current, scripts=scripts, version=self.version,
+        )
+        return Response(text, content_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
+
+    def _to_login(self) -> Response:
+        target = urllib.parse.quote(request.full_path.rstrip("?"), safe="/?=&")
+        return redirect(f"/console/login?next={target}")
+
+    # -- pages ---------------------------------------------------------------------------
+
+    async def index(self) -> Response:
+        return redirect("/console/live" if self.principal() is not None else "/console/login")
+
+    async def login_page(self) -> Response:
+        return self._html("Sign in", pages.login(next_path=_safe_next(request.args.get("next"))), None)
+
+    async def login(self) -> Response:
+        form = await request.form
+        key = (form.get("key") or "").strip()
+        target = _safe_next(form.get("next"))
+        if not key:
+            return self._refused("Enter a key.", target)
+        try:
+            principal = await self.runtime.authenticate({"Authorization": f"Bearer {key}"}, "/console")
+        except APIError as exc:
+            return self._refused(exc.message, target)
+        if principal is ANONYMOUS or not principal.authenticated:
+            # Without keys every caller is anonymous: only the admin key signs in.
+            return self._refused("That is not a key this server knows. Without API keys, sign in with the admin key.", target)
+        response = redirect(target, 303)
+        response.set_cookie(
+            COOKIE, self.signer.issue(principal), max_age=int(self.settings.session_hours * 3600), httponly=True,
+            samesite="Strict", secure=self._secure(), path="/console",
+        )
+        log.info("console: %s signed in", describe(principal))
+        return response
+
+    def _refused(self, message: str, target: str) -> Response:
+        text = pages.layout("Sign in", pages.login(message, target), who=None, version=self.version)
+        return Response(text, status=401, content_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
+
+    async def logout(self) -> Response:
+        form = await request.form
+        cookie = request.cookies.get(COOKIE, "")
+        if cookie and not self.signer.csrf_ok(cookie, form.get("csrf")):
+            raise APIError("The console's CSRF token is missing or wrong: reload the page.", status=403, type="permission_error", code="csrf_failed")
+        response = redirect("/console/login", 303)
+        response.delete_cookie(COOKIE, path="/console")
+        return response
+
+    async def live_page(self) -> Response:
+        principal = self.principal()
+        if principal is None:
+            return self._to_login()
+        return self._html("Live", pages.live(), principal, "/console/live", ("live.js",))
+
+    async def session_page(self, session_id: str) -> Response:
+        principal = self.principal()
+        if principal is None:
+            return self._to_login()
+        return self._html(f"Session {session_id}", pages.session(session_id), principal, "", ("session.js",))
+
+    async def static(self, name: str) -> Response:
+        path = (STATIC / name).resolve()
+        if not path.is_relative_to(STATIC.resolve()) or not path.is_file():
+            raise NotFound(f"No console file '{name}'.")
+        response = await send_from_directory(STATIC, name)
+        response.headers["Cache-Control"] = "public, max-age=86400"
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
+    # -- data ----------------------------------------------------------------------------
+
+    async def feed(self) -> Response:
+        principal = self._require()
+        hub = self.hub
+        assert hub is not None
+        if len(hub.viewers) >= self.settings.max_viewers:
+            raise APIError(f"The console has {self.settings.max_viewers} live viewers already (max_viewers).", status=503, type="server_error", code="overloaded", headers={"Retry-After": "5"})
+        viewer = hub.join(principal)
+        keepalive = self.runtime.config.server.keepalive_seconds
+
+        async def events() -> Any:
+            try:
+                yield _sse(hub.snapshot(principal))
+                viewer.stale = False
+                while True:
+                    with trio.move_on_after(keepalive):
+                        message = await viewer.receive.receive()
+                        yield _sse(message)
+                        continue
+                    yield b": keepalive\n\n"
+            finally:
+                hub.leave(viewer)
+
+        return _stream(events())
+
+    async def history(self) -> Response:
+        principal = self._require()
+        args = request.args
+        state, model, identity = args.get("state") or None, args.get("model") or None, args.get("identity") or None
+        after = None
+        if args.get("after"):
+            at, _, after_id = args["after"].partition("|")
+            try:
+                after = (float(at), after_id)
+            except ValueError:
+                raise InvalidRequest("'after' is not a cursor this console gave out", param="after") from None
+        query = SessionQuery(state=state, model=model, identity=identity, limit=HISTORY_PAGE, after=after)
+        if principal.role == "member" or principal.role == "anonymous":
+            query = attrs.evolve(query, identity=principal.identity)
+        elif principal.role == "team_admin":
+            query = attrs.evolve(query, team=principal.team)
+        rows: list[StoredSession] = []
+        store = self.runtime.store
+        if store is not None:
+            rows = await store.sessions(query)
+        else:
+            kept = [s for s in self.runtime.sessions.retained() if principal.sees(s.identity, s.team)]
+            kept.sort(key=lambda s: (s.created_at, s.id), reverse=True)
+            rows = [_stored(s) for s in kept if query.selects(s.state, s.request.model, s.identity, s.created_at, s.id, s.team)][:HISTORY_PAGE]
+        rows = [r for r in rows if r.finished]
+        data = [_history_row(r) for r in rows]
+        cursor = f"{rows[-1].created_at!r}|{rows[-1].id}" if len(rows) == HISTORY_PAGE else None
+        return json_response({"object": "list", "data": data, "next": cursor})
+
+    async def session_data(self, session_id: str) -> Response:
+        principal = self._require()
+        found = await self.runtime.find_session(session_id, principal)
+        body = found.to_json()
+        messages = None
+        if isinstance(found, Session):
+            messages = list(found.request.messages)
+            body["headers"] = {k: v for k, v in found.headers.items() if k.lower().startswith("x-")}
+        else:
+            read = getattr(self.runtime.store, "request_of", None)
+            if read is not None and isinstance(found, StoredSession):
+                kept = await read(session_id)
+                messages = None if kept is None else kept.get("messages")
+        body["messages"] = messages
+        body["live"] = not found.finished if hasattr(found, "finished") else False
+        return json_response(body)
+
+    async def session_stream(self, session_id: str) -> Response:
+        principal = self._require()
+        found = await self.runtime.find_session(session_id, principal)
+        offset = int(request.args.get("offset", "0") or 0)
+        source = await self.runtime.follow_session(found, offset)
+
+        async def events() -> Any:
+            async for batch in source:
+                if batch is None:
+                    yield b": keepalive\n\n"
+                elif isinstance(batch, tuple):
+                    start, deltas = batch
+                    content = "".join(d.content or "" for d in deltas)
+                    reasoning = "".join(d.reasoning or "" for d in deltas)
+                    yield _sse({"type": "delta", "offset": start + len(deltas), "content": content, "reasoning": reasoning})
+                elif isinstance(batch, APIError):
+                    yield _sse({"type": "error", "message": batch.message, "code": batch.code})
+                    return
+                else:
+                    yield _sse({"type": "end", "session": batch.to_json()})
+                    return
+
+        return _stream(events())
+
+    async def stop(self, session_id: str) -> Response:
+        principal = self._check_action()
+        found = await self.runtime.find_session(session_id, principal)
+        if isinstance(found, Session):
+            stopped = found.cancel("stopped")
+        elif hasattr(found, "stop"):
+            stopped, _ = await found.stop()
+        else:
+            stopped = False
+        log.info("console: %s stopped session %s", describe(principal), session_id)
+        return json_response({"id": session_id, "stopped": bool(stopped)})
+
+
+def _safe_next(value: str | None) -> str:
+    """Only a path of the console: never another site (an open redirect)."""
+    if value and value.startswith("/console") and not value.startswith("//") and "\\" not in value:
+        return value
+    return "/console/live"
+
+
+def _sse(message: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(message) + b"\n\n"
+
+
+def _stream(events: Any) -> Response:
+    response = Response(events, content_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+    response.timeout = None
+    return response
+
+
+def _stored(session: Session) -> StoredSession:
+    from streamvisor.hooks import stored_of
+
+    return stored_of(session)
+
+
+def _history_row(stored: StoredSession) -> dict[str, Any]:
+    usage = stored.usage
+    return {
+        "id": stored.id,
+        "model": stored.model,
+        "identity": stored.identity,
+        "team": stored.team,
+        "state": stored.state,
+        "created_at": stored.created_at,
+        "tokens": None if usage is None else usage.completion_tokens,
+        "duration_ms": stored.timings.get("duration_ms"),
+        "cost_usd": None if usage is None else usage.cost_usd,
+    }
+
+
+#: Pages are never framed by another site, and load nothing from elsewhere.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; connect-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}
+
+
+def _form(summary: str) -> dict[str, Any]:
+    return {"summary": summary, "responses": {"303": {"description": "Redirected"}, "401": {"description": "Refused"}}}
+
+
+def _api(summary: str, content: str = "application/json") -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "description": "Needs the console's sign-in cookie (docs/plugins/console.md).",
+        "responses": {"200": {"description": "OK", "content": {content: {}}}, "401": {"description": "Not signed in"}},
+    }

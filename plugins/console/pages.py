@@ -1,0 +1,127 @@
+"""The console's HTML: a server-rendered shell per page. The data comes from
+the console's JSON and SSE routes, read by the page's small script module
+(static/*.js); nothing is loaded from anywhere but this server."""
+
+from __future__ import annotations
+
+import html
+
+#: (path, label) of the navigation, in order.
+NAV = (("/console/live", "Live"),)
+
+
+def layout(title: str, body: str, *, who: str | None, csrf: str = "", current: str = "", scripts: tuple[str, ...] = (), version: str = "") -> str:
+    nav = ""
+    if who is not None:
+        marked = ' aria-current="page"'
+        links = "".join(f'<li><a href="{path}"{marked if path == current else ""}>{html.escape(label)}</a></li>' for path, label in NAV)
+        nav = f"""
+<header class="top">
+  <a class="brand" href="/console/live">streamvisor</a>
+  <nav aria-label="Console"><ul>{links}</ul></nav>
+  <form class="signout" method="post" action="/console/logout">
+    <input type="hidden" name="csrf" value="{html.escape(csrf)}">
+    <span class="who" title="Signed in as">{html.escape(who)}</span>
+    <button type="submit">Sign out</button>
+  </form>
+</header>"""
+    tags = "".join(f'<script type="module" src="/console/static/{html.escape(name)}?v={html.escape(version)}"></script>' for name in scripts)
+    return f"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="csrf-token" content="{html.escape(csrf)}">
+<title>{html.escape(title)} · streamvisor console</title>
+<link rel="stylesheet" href="/console/static/console.css?v={html.escape(version)}">
+{tags}
+</head>
+<body>
+{nav}
+<main id="main">
+{body}
+</main>
+</body>
+</html>
+"""
+
+
+def login(error: str | None = None, next_path: str = "/console/live") -> str:
+    message = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
+    return f"""
+<section class="login">
+  <h1>Sign in to the console</h1>
+  <p>Use the admin key (<code>STREAMVISOR_ADMIN_KEY</code>) to see everything, or an API key to see
+  that key's own sessions and usage.</p>
+  {message}
+  <form method="post" action="/console/login">
+    <input type="hidden" name="next" value="{html.escape(next_path)}">
+    <label for="key">Key</label>
+    <input id="key" name="key" type="password" autocomplete="current-password" required autofocus>
+    <button type="submit">Sign in</button>
+  </form>
+</section>"""
+
+
+def live() -> str:
+    return """
+<h1>Live</h1>
+<section aria-labelledby="live-title">
+  <h2 id="live-title">Live sessions <span id="live-count" class="count" aria-live="polite">0</span></h2>
+  <p id="feed-state" class="muted" role="status">Connecting…</p>
+  <div class="table-wrap">
+  <table id="live" class="sessions">
+    <thead><tr>
+      <th scope="col">Session</th><th scope="col">Model</th><th scope="col">Identity</th><th scope="col">State</th>
+      <th scope="col" class="num">Age</th><th scope="col" class="num">Tokens</th><th scope="col" class="num">Tokens/s</th>
+      <th scope="col" class="num">First token</th><th scope="col"><span class="visually-hidden">Actions</span></th>
+    </tr></thead>
+    <tbody></tbody>
+  </table>
+  </div>
+</section>
+<section aria-labelledby="history-title">
+  <h2 id="history-title">Finished</h2>
+  <form id="filters" class="filters">
+    <label>State <select name="state">
+      <option value="">any</option><option>completed</option><option>failed</option><option>stopped</option>
+      <option>disconnected</option><option>interrupted</option>
+    </select></label>
+    <label>Model <input name="model" size="14"></label>
+    <label>Identity <input name="identity" size="14"></label>
+    <button type="submit">Filter</button>
+  </form>
+  <div class="table-wrap">
+  <table id="history" class="sessions">
+    <thead><tr>
+      <th scope="col">Session</th><th scope="col">Model</th><th scope="col">Identity</th><th scope="col">State</th>
+      <th scope="col">Started</th><th scope="col" class="num">Tokens</th><th scope="col" class="num">Duration</th>
+      <th scope="col" class="num">Cost</th>
+    </tr></thead>
+    <tbody></tbody>
+  </table>
+  </div>
+  <button id="more" type="button" hidden>Older</button>
+</section>"""
+
+
+def session(session_id: str) -> str:
+    sid = html.escape(session_id)
+    return f"""
+<p><a href="/console/live">← Live</a></p>
+<h1>Session <code>{sid}</code></h1>
+<div id="session" data-session="{sid}">
+  <p id="summary" class="muted" role="status">Loading…</p>
+  <div id="timing" class="timing" aria-label="Timing"></div>
+  <dl id="facts" class="facts"></dl>
+  <p><button id="stop" type="button" hidden>Stop this session</button></p>
+  <section aria-labelledby="request-title">
+    <h2 id="request-title">Request</h2>
+    <ol id="messages" class="messages"></ol>
+  </section>
+  <section aria-labelledby="output-title">
+    <h2 id="output-title">Output</h2>
+    <details id="reasoning-box" hidden><summary>Reasoning</summary><pre id="reasoning" class="reasoning"></pre></details>
+    <pre id="output" class="output" aria-live="polite"></pre>
+  </section>
+</div>"""

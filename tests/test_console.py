@@ -1,0 +1,175 @@
+"""The console in a real browser (Debian's Chromium, driven by Playwright):
+signing in, live sessions pushed as they happen, stopping one from the page,
+its transcript, and an API key that sees only its own sessions. Each test saves
+a screenshot under tests/artifacts/. The cookie and CSRF rules are checked with
+plain HTTP as well."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from typing import Any, Iterator
+
+import httpx
+import pytest
+
+from .browser import browser, open_page, page, phone_page  # noqa: F401  (pytest fixtures)
+from .conftest import SCRIPTED, ServerThread, make_config
+
+ADMIN_KEY = "console-test-admin-key"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture(autouse=True)
+def admin_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STREAMVISOR_ADMIN_KEY", ADMIN_KEY)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    import os
+
+    os.environ["STREAMVISOR_ADMIN_KEY"] = ADMIN_KEY
+    folder = tmp_path_factory.mktemp("console")
+    text = f"""
+[plugins.keys]
+[plugins.console]
+tick_ms = 100
+[plugins.store]
+url = "sqlite:///{folder}/s.db"
+flush_interval_ms = 50
+{SCRIPTED}
+"""
+    thread = ServerThread(make_config(text, session_retention_seconds=30)).start()
+    try:
+        yield thread
+    finally:
+        thread.stop()
+
+
+def create_key(server: ServerThread, identity: str) -> str:
+    r = httpx.post(f"{server.url}/admin/keys", json={"identity": identity}, headers=ADMIN)
+    assert r.status_code == 201, r.text
+    return r.json()["secret"]
+
+
+class Stream:
+    """A slow chat stream in a thread: its session id as soon as the headers
+    come, and its last chunk's finish reason when it ends."""
+
+    def __init__(self, server: ServerThread, key: str, prompt: str = "hi there") -> None:
+        self.session_id: str | None = None
+        self.started = threading.Event()
+        self.finish_reason: str | None = None
+        self.done = threading.Event()
+
+        def run() -> None:
+            body = {"model": "slow", "messages": [{"role": "user", "content": prompt}], "stream": True}
+            with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60) as response:
+                self.session_id = response.headers["x-session-id"]
+                self.started.set()
+                for line in response.iter_lines():
+                    if line.startswith("data: {"):
+                        for choice in json.loads(line[6:]).get("choices", []):
+                            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+            self.done.set()
+
+        self.thread = threading.Thread(target=run, daemon=True)
+        self.thread.start()
+        assert self.started.wait(10)
+
+
+def sign_in(page: Any, server: ServerThread, key: str) -> None:
+    page.goto(server.url + "/console")
+    assert "/console/login" in page.url
+    page.get_by_label("Key").fill(key)
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url("**/console/live")
+
+
+def test_the_admin_sees_a_stream_live_stops_it_and_reads_its_transcript(server, page):
+    sign_in(page, server, ADMIN_KEY)
+    page.get_by_text("Live: updates are pushed").wait_for()
+    stream = Stream(server, ADMIN_KEY, "hi there")
+    row = page.locator(f'#live tr[data-id="{stream.session_id}"]')
+    t0 = time.monotonic()
+    row.wait_for(timeout=1000)  # on the page within a second of its start
+    appeared = time.monotonic() - t0
+    assert row.locator("td").nth(1).inner_text() == "slow"
+    page.wait_for_function(f"() => Number(document.querySelector('#live tr[data-id=\"{stream.session_id}\"] [data-col=tokens]')?.textContent) > 0")
+    row.get_by_role("button", name=f"Stop session {stream.session_id}").click()
+    assert stream.done.wait(5)
+    assert stream.finish_reason == "stopped"
+    row.wait_for(state="detached")
+    finished = page.locator(f'#history tr[data-id="{stream.session_id}"]')
+    finished.wait_for()
+    assert finished.locator("td").nth(3).inner_text() == "stopped"
+    finished.get_by_role("link").click()
+    page.wait_for_url(f"**/console/sessions/{stream.session_id}")
+    page.locator("#messages li").first.wait_for()
+    assert "hi there" in page.locator("#messages").inner_text()
+    page.wait_for_function("() => document.getElementById('output').textContent.includes('tick')")
+    assert "stopped" in page.locator("#facts").inner_text()
+    assert appeared < 1.0
+
+
+def test_an_api_key_sees_only_its_own_sessions(server, browser):
+    alice, bob = create_key(server, "alice"), create_key(server, "bob")
+    mine, theirs = Stream(server, alice, "alice asks"), Stream(server, bob, "bob asks")
+    try:
+        with open_page(browser, "test_an_api_key_sees_only_its_own_sessions") as page:
+            sign_in(page, server, alice)
+            page.locator(f'#live tr[data-id="{mine.session_id}"]').wait_for()
+            time.sleep(0.5)  # several ticks: bob's would be there by now
+            assert page.locator(f'#live tr[data-id="{theirs.session_id}"]').count() == 0
+            assert page.locator(".who").inner_text() == "alice"
+            # Bob's session by its URL: not found, like an id that never existed.
+            page.goto(f"{server.url}/console/sessions/{theirs.session_id}")
+            page.wait_for_function("() => document.getElementById('summary').textContent.includes('No session')")
+            page.goto(f"{server.url}/console/sessions/{mine.session_id}")
+            page.wait_for_function("() => document.getElementById('messages').textContent.includes('alice asks')")
+    finally:
+        for key, stream in ((alice, mine), (bob, theirs)):
+            httpx.post(f"{server.url}/v1/sessions/{stream.session_id}/stop", headers={"Authorization": f"Bearer {key}"})
+
+
+def test_the_live_page_fits_a_phone(server, phone_page):
+    sign_in(phone_page, server, ADMIN_KEY)
+    phone_page.get_by_text("Live: updates are pushed").wait_for()
+    width = phone_page.evaluate("() => [document.documentElement.scrollWidth, window.innerWidth]")
+    assert width[0] <= width[1], width  # the tables scroll inside their frame, not the page
+
+
+def test_sign_in_cookies_and_csrf_over_plain_http(server):
+    with httpx.Client(base_url=server.url, follow_redirects=False) as http:
+        assert http.get("/console/live").headers["location"].startswith("/console/login")
+        assert http.get("/console/api/feed").status_code == 401
+        wrong = http.post("/console/login", data={"key": "sk-sv-nope"})
+        assert wrong.status_code == 401 and "incorrect api key" in wrong.text.lower()
+        # An open redirect is refused: `next` stays inside the console.
+        signed = http.post("/console/login", data={"key": ADMIN_KEY, "next": "//evil.example/steal"})
+        assert signed.status_code == 303 and signed.headers["location"] == "/console/live"
+        cookie = signed.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie and "Path=/console" in cookie and "Secure" in cookie
+        value = re.search(r"sv_console=([^;]+)", cookie).group(1)
+        assert ADMIN_KEY not in value
+        jar = {"Cookie": f"sv_console={value}"}
+        live = http.get("/console/live", headers=jar)
+        assert live.status_code == 200 and "default-src 'self'" in live.headers["content-security-policy"]
+        token = re.search(r'name="csrf-token" content="([^"]+)"', live.text).group(1)
+        stream = Stream(server, ADMIN_KEY)
+        url = f"/console/api/sessions/{stream.session_id}/stop"
+        assert http.post(url, headers=jar).status_code == 403  # no token
+        assert http.post(url, headers={**jar, "X-CSRF-Token": token + "x"}).status_code == 403
+        assert http.post(url, headers={**jar, "X-CSRF-Token": token, "Origin": "https://evil.example"}).status_code == 403
+        assert not stream.done.wait(0.3)
+        assert http.post(url, headers={**jar, "X-CSRF-Token": token}).json()["stopped"] is True
+        assert stream.done.wait(5) and stream.finish_reason == "stopped"
+        # A forged or tampered cookie is no sign-in.
+        assert http.get("/console/api/history", headers={"Cookie": f"sv_console={value[:-2]}AA"}).status_code == 401
+        # Nothing of the console's is loaded from elsewhere.
+        for name in ("live.js", "session.js", "common.js", "console.css"):
+            text = http.get(f"/console/static/{name}").text
+            assert "http://" not in text and "https://" not in text, name
