@@ -173,3 +173,42 @@ def test_sign_in_cookies_and_csrf_over_plain_http(server):
         for name in ("live.js", "session.js", "common.js", "console.css"):
             text = http.get(f"/console/static/{name}").text
             assert "http://" not in text and "https://" not in text, name
+
+
+def test_the_playground_streams_an_answer_and_stops_it(server, page):
+    sign_in(page, server, ADMIN_KEY)
+    page.get_by_role("link", name="Playground").click()
+    page.wait_for_url("**/console/playground")
+    page.get_by_label("Model").select_option("fox")
+    page.get_by_label("User message").fill("tell me")
+    page.get_by_label("Temperature").fill("0.2")
+    page.get_by_role("button", name="Send").click()
+    page.wait_for_function("() => document.getElementById('answer').textContent === 'The quick brown fox jumps over the lazy dog.'")
+    page.get_by_text("Done: completed").wait_for()
+    facts = page.locator("#play-facts").inner_text()
+    assert "Completion tokens" in facts and "Time to first token" in facts
+    curl = page.locator("#snippet").inner_text()
+    assert curl.startswith("curl -N ") and '"temperature":0.2' in curl and '"content":"tell me"' in curl
+    page.get_by_role("button", name="Python").click()
+    assert "client.chat.completions.create(" in page.locator("#snippet").inner_text()
+    # A long answer, stopped from the page: it ends, stopped.
+    page.get_by_label("Model").select_option("slow")
+    page.get_by_role("button", name="Send").click()
+    page.wait_for_function("() => document.getElementById('answer').textContent.includes('ticktick')")
+    page.get_by_role("button", name="Stop").click()
+    page.get_by_text("Done: stopped").wait_for()
+    said = page.locator("#answer").inner_text()
+    time.sleep(0.3)
+    assert page.locator("#answer").inner_text() == said  # nothing more after the stop
+
+
+def test_models_and_plugins_show_what_serves_and_its_health(server, page):
+    sign_in(page, server, ADMIN_KEY)
+    page.get_by_role("link", name="Models and plugins").click()
+    page.locator("#plugins tbody tr").first.wait_for()
+    providers = page.locator("#providers").inner_text()
+    assert "scripted" in providers and "fox" in providers and "slow" in providers
+    plugins = page.locator("#plugins").inner_text()
+    for name in ("console", "keys", "store", "scripted"):
+        assert name in plugins
+    assert "ready" in page.locator("#health").inner_text()

@@ -13,6 +13,7 @@ streams nothing.
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 import urllib.parse
 from pathlib import Path
@@ -26,6 +27,7 @@ from quart import Response, redirect, request, send_from_directory
 from streamvisor.hooks import (
     ANONYMOUS,
     APIError,
+    ChatRequest,
     InvalidRequest,
     NotFound,
     Principal,
@@ -35,6 +37,7 @@ from streamvisor.hooks import (
     hookimpl,
     json_response,
     positive,
+    read_json,
 )
 
 from . import pages
@@ -90,12 +93,16 @@ class ConsolePlugin:
         register("/console/logout", self.logout, methods=("POST",), openapi=_form("Sign out of the console"))
         register("/console/live", self.live_page, openapi=page)
         register("/console/sessions/<session_id>", self.session_page, openapi=page)
+        register("/console/models", self.models_page, openapi=page)
+        register("/console/playground", self.playground_page, openapi=page)
         register("/console/static/<path:name>", self.static, openapi={"summary": "The console's scripts and styles", "responses": {"200": {"description": "a file"}}})
         register("/console/api/feed", self.feed, openapi=_api("The live sessions, pushed as they change (SSE)", "text/event-stream"))
         register("/console/api/history", self.history, openapi=_api("Finished sessions, newest first"))
         register("/console/api/sessions/<session_id>", self.session_data, openapi=_api("A session with its request and output"))
         register("/console/api/sessions/<session_id>/stream", self.session_stream, openapi=_api("A session's output as it grows (SSE)", "text/event-stream"))
         register("/console/api/sessions/<session_id>/stop", self.stop, methods=("POST",), openapi=_api("Stop a session"))
+        register("/console/api/models", self.models_data, openapi=_api("Providers, models, readiness checks and plugins"))
+        register("/console/api/chat", self.chat, methods=("POST",), openapi=_api("The playground: a chat completion streamed as the console's events (SSE)", "text/event-stream"))
 
     @hookimpl
     def register_services(self, register: Any) -> None:
@@ -201,6 +208,18 @@ class ConsolePlugin:
             return self._to_login()
         return self._html(f"Session {session_id}", pages.session(session_id), principal, "", ("session.js",))
 
+    async def models_page(self) -> Response:
+        principal = self.principal()
+        if principal is None:
+            return self._to_login()
+        return self._html("Models and plugins", pages.models(), principal, "/console/models", ("models.js",))
+
+    async def playground_page(self) -> Response:
+        principal = self.principal()
+        if principal is None:
+            return self._to_login()
+        return self._html("Playground", pages.playground(), principal, "/console/playground", ("playground.js",))
+
     async def static(self, name: str) -> Response:
         path = (STATIC / name).resolve()
         if not path.is_relative_to(STATIC.resolve()) or not path.is_file():
@@ -303,6 +322,59 @@ class ConsolePlugin:
                 else:
                     yield _sse({"type": "end", "session": batch.to_json()})
                     return
+
+        return _stream(events())
+
+    async def models_data(self) -> Response:
+        principal = self._require()
+        may_use = getattr(principal, "may_use", None)
+        providers = []
+        for provider in self.runtime.providers:
+            names = [m.id for m in self.runtime.providers.models_of(provider.name)]
+            providers.append({"name": provider.name, "models": [n for n in names if may_use is None or may_use(n)]})
+        body: dict[str, Any] = {"providers": providers}
+        if principal.is_admin:
+            # Readiness, circuits and plugins are the operator's: the admin's only.
+            checks = await self.runtime.check_health()
+            body["health"] = [{"check": name, "ok": bool(health.ok), "ms": round(ms, 1), "detail": health.detail} for name, (health, ms) in checks.items()]
+            body["plugins"] = self.runtime.plugin_status()
+            panels = await self.runtime.status_panels()
+            body["circuits"] = {name: panel for plugin in panels.values() for key, value in plugin.items() if key == "circuits" and isinstance(value, dict) for name, panel in value.items()}
+        return json_response(orjson.loads(orjson.dumps(body, default=str)))
+
+    async def chat(self) -> Response:
+        """The playground's request: a chat completion started as the signed-in
+        caller (`runtime.start_chat`, so the caller's key, limits and budget
+        apply), streamed as console events: `start` (the session id), `delta`s,
+        and `end` with usage, cost and the time to the first token."""
+        principal = self._check_action()
+        body = await read_json()
+        if not isinstance(body, dict):
+            raise InvalidRequest("The body is a chat completion request.")
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        chat = ChatRequest.from_openai(body)
+        chat = attrs.evolve(
+            chat, request_id=f"console-{secrets.token_hex(8)}", session_id=f"sess_{secrets.token_hex(12)}",
+            identity=principal.identity, team=principal.team, key_id=principal.key_id,
+        )
+        session, _ = await self.runtime.start_chat(chat, principal)
+
+        async def events() -> Any:
+            finished = False
+            try:
+                yield _sse({"type": "start", "session_id": session.id, "model": chat.model})
+                async for deltas in session.follow(0):
+                    content = "".join(d.content or "" for d in deltas)
+                    reasoning = "".join(d.reasoning or "" for d in deltas)
+                    if content or reasoning:
+                        yield _sse({"type": "delta", "content": content, "reasoning": reasoning})
+                await session.wait_done()
+                finished = True
+                yield _sse({"type": "end", "session": session.to_json()})
+            finally:
+                if not finished:
+                    session.cancel("disconnected")
+                session.release()
 
         return _stream(events())
 

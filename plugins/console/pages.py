@@ -7,7 +7,7 @@ from __future__ import annotations
 import html
 
 #: (path, label) of the navigation, in order.
-NAV = (("/console/live", "Live"),)
+NAV = (("/console/live", "Live"), ("/console/playground", "Playground"), ("/console/models", "Models and plugins"))
 
 
 def layout(title: str, body: str, *, who: str | None, csrf: str = "", current: str = "", scripts: tuple[str, ...] = (), version: str = "") -> str:
@@ -125,3 +125,69 @@ def session(session_id: str) -> str:
     <pre id="output" class="output" aria-live="polite"></pre>
   </section>
 </div>"""
+
+
+def models() -> str:
+    return """
+<h1>Models and plugins</h1>
+<p id="models-state" class="muted" role="status">Loading…</p>
+<section aria-labelledby="providers-title">
+  <h2 id="providers-title">Providers and models</h2>
+  <div class="table-wrap"><table id="providers" class="sessions">
+    <thead><tr><th scope="col">Provider</th><th scope="col">Models</th><th scope="col">Circuit</th></tr></thead>
+    <tbody></tbody>
+  </table></div>
+</section>
+<section aria-labelledby="health-title">
+  <h2 id="health-title">Readiness checks</h2>
+  <div class="table-wrap"><table id="health" class="sessions">
+    <thead><tr><th scope="col">Check</th><th scope="col">Ready</th><th scope="col" class="num">Took</th><th scope="col">Why</th></tr></thead>
+    <tbody></tbody>
+  </table></div>
+</section>
+<section aria-labelledby="plugins-title">
+  <h2 id="plugins-title">Plugins</h2>
+  <div class="table-wrap"><table id="plugins" class="sessions">
+    <thead><tr><th scope="col">Plugin</th><th scope="col">Version</th><th scope="col">From</th><th scope="col">Contract</th>
+      <th scope="col" class="num">Errors</th><th scope="col">Hooks</th></tr></thead>
+    <tbody></tbody>
+  </table></div>
+</section>"""
+
+
+def playground() -> str:
+    return """
+<h1>Playground</h1>
+<form id="play" class="play">
+  <label for="model">Model</label>
+  <select id="model" name="model" required></select>
+  <label for="system">System message</label>
+  <textarea id="system" name="system" rows="2"></textarea>
+  <label for="user">User message</label>
+  <textarea id="user" name="user" rows="4" required>Write a haiku about streams.</textarea>
+  <div class="row">
+    <label for="temperature">Temperature</label>
+    <input id="temperature" name="temperature" type="number" min="0" max="2" step="0.1" value="0.7">
+    <label for="max_tokens">Max tokens</label>
+    <input id="max_tokens" name="max_tokens" type="number" min="1" max="100000" step="1" value="256">
+  </div>
+  <div class="row">
+    <button id="send" type="submit">Send</button>
+    <button id="halt" type="button" class="danger" disabled>Stop</button>
+  </div>
+</form>
+<p id="play-state" class="muted" role="status"></p>
+<section aria-labelledby="answer-title">
+  <h2 id="answer-title">Answer</h2>
+  <details id="play-reasoning-box" hidden><summary>Reasoning</summary><pre id="play-reasoning" class="reasoning"></pre></details>
+  <pre id="answer" class="output" aria-live="polite"></pre>
+  <dl id="play-facts" class="facts"></dl>
+</section>
+<section aria-labelledby="snippet-title">
+  <h2 id="snippet-title">The same request</h2>
+  <div class="row" role="group" aria-label="Snippet language">
+    <button type="button" class="secondary" data-snippet="curl" aria-pressed="true">curl</button>
+    <button type="button" class="secondary" data-snippet="python" aria-pressed="false">Python</button>
+  </div>
+  <pre id="snippet" class="output"></pre>
+</section>"""
