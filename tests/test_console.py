@@ -212,3 +212,27 @@ def test_models_and_plugins_show_what_serves_and_its_health(server, page):
     for name in ("console", "keys", "store", "scripted"):
         assert name in plugins
     assert "ready" in page.locator("#health").inner_text()
+
+
+def test_usage_shows_a_keys_requests_by_key_with_a_csv(server, page):
+    r = httpx.post(f"{server.url}/admin/keys", json={"identity": "carol"}, headers=ADMIN)
+    key_id, secret = r.json()["id"], r.json()["secret"]
+    for _ in range(2):
+        server.openai(api_key=secret).chat.completions.create(model="fox", messages=[{"role": "user", "content": "count me"}])
+    sign_in(page, server, ADMIN_KEY)
+    page.get_by_role("link", name="Usage").click()
+    page.wait_for_url("**/console/usage")
+    page.get_by_label("By").select_option("key_id")
+    row = page.locator("#usage-table tbody tr", has_text=key_id)
+    row.wait_for()
+    cells = row.locator("td").all_inner_texts()
+    assert cells[0] == key_id and cells[1] == "2" and int(cells[3]) > 0
+    assert page.locator("#chart-tokens canvas").count() == 1
+    for window in ("24 hours", "30 days"):
+        page.get_by_label(window).check()
+        page.locator("#usage-table tbody tr", has_text=key_id).wait_for()
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Download CSV").click()
+    text = open(download.value.path()).read()
+    assert text.splitlines()[0] == "bucket_start_utc,key_id,sessions,prompt_tokens,completion_tokens,reasoning_tokens,cost_usd"
+    assert sum(int(line.split(",")[2]) for line in text.splitlines()[1:] if line.split(",")[1] == key_id) == 2

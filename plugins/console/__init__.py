@@ -49,6 +49,8 @@ log = logging.getLogger("streamvisor.console")
 __all__ = ["ConsolePlugin", "Settings"]
 
 STATIC = Path(__file__).parent / "static"
+#: The usage windows: (seconds, bucket seconds).
+WINDOWS = {"1h": (3600, 60), "24h": (86400, 900), "30d": (30 * 86400, 6 * 3600)}
 #: History rows per page.
 HISTORY_PAGE = 50
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -94,6 +96,7 @@ class ConsolePlugin:
         register("/console/live", self.live_page, openapi=page)
         register("/console/sessions/<session_id>", self.session_page, openapi=page)
         register("/console/models", self.models_page, openapi=page)
+        register("/console/usage", self.usage_page, openapi=page)
         register("/console/playground", self.playground_page, openapi=page)
         register("/console/static/<path:name>", self.static, openapi={"summary": "The console's scripts and styles", "responses": {"200": {"description": "a file"}}})
         register("/console/api/feed", self.feed, openapi=_api("The live sessions, pushed as they change (SSE)", "text/event-stream"))
@@ -102,6 +105,8 @@ class ConsolePlugin:
         register("/console/api/sessions/<session_id>/stream", self.session_stream, openapi=_api("A session's output as it grows (SSE)", "text/event-stream"))
         register("/console/api/sessions/<session_id>/stop", self.stop, methods=("POST",), openapi=_api("Stop a session"))
         register("/console/api/models", self.models_data, openapi=_api("Providers, models, readiness checks and plugins"))
+        register("/console/api/usage", self.usage_data, openapi=_api("Usage over a window, in time buckets, by model, key, outcome or identity"))
+        register("/console/api/usage.csv", self.usage_csv, openapi=_api("The same usage as CSV", "text/csv"))
         register("/console/api/chat", self.chat, methods=("POST",), openapi=_api("The playground: a chat completion streamed as the console's events (SSE)", "text/event-stream"))
 
     @hookimpl
@@ -142,11 +147,11 @@ class ConsolePlugin:
         forwarded = request.headers.get("X-Forwarded-Proto", "")
         return request.scheme == "https" or forwarded == "https" or request.host.rsplit(":", 1)[0] in _LOOPBACK
 
-    def _html(self, title: str, body: str, principal: Principal | None, current: str = "", scripts: tuple[str, ...] = ()) -> Response:
+    def _html(self, title: str, body: str, principal: Principal | None, current: str = "", scripts: tuple[str, ...] = (), vendor: tuple[str, ...] = ()) -> Response:
         cookie = request.cookies.get(COOKIE, "")
         text = pages.layout(
             title, body, who=None if principal is None else describe(principal), csrf=self.signer.csrf(cookie) if cookie else "",
-            current=current, scripts=scripts, version=self.version,
+            current=current, scripts=scripts, version=self.version, vendor=vendor,
         )
         return Response(text, content_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
 
@@ -213,6 +218,12 @@ class ConsolePlugin:
         if principal is None:
             return self._to_login()
         return self._html("Models and plugins", pages.models(), principal, "/console/models", ("models.js",))
+
+    async def usage_page(self) -> Response:
+        principal = self.principal()
+        if principal is None:
+            return self._to_login()
+        return self._html("Usage", pages.usage(), principal, "/console/usage", ("usage.js",), vendor=("uPlot.min.css", "uPlot.iife.min.js"))
 
     async def playground_page(self) -> Response:
         principal = self.principal()
@@ -341,6 +352,47 @@ class ConsolePlugin:
             panels = await self.runtime.status_panels()
             body["circuits"] = {name: panel for plugin in panels.values() for key, value in plugin.items() if key == "circuits" and isinstance(value, dict) for name, panel in value.items()}
         return json_response(orjson.loads(orjson.dumps(body, default=str)))
+
+    async def _usage(self) -> tuple[dict[str, Any], str, str]:
+        principal = self._require()
+        window = request.args.get("window", "1h")
+        if window not in WINDOWS:
+            raise InvalidRequest(f"'window' is one of {', '.join(WINDOWS)}", param="window")
+        by = request.args.get("by", "model")
+        if by not in ("model", "key_id", "outcome", "identity"):
+            raise InvalidRequest("'by' is one of model, key_id, outcome, identity", param="by")
+        seconds, bucket = WINDOWS[window]
+        series = getattr(self.runtime.store, "usage_series", None)
+        if series is None:
+            raise APIError("Usage over time needs a store that keeps the usage ledger (the store plugin).", status=501, type="server_error", code="no_store")
+        until = time.time()
+        # Buckets on round times, the last one holding now.
+        since = (until // bucket + 1) * bucket - seconds
+        identity = team = None
+        if principal.role in ("member", "anonymous"):
+            identity = principal.identity
+        elif principal.role == "team_admin":
+            team = principal.team
+        rows = await series(since, until, bucket, by, identity=identity, team=team)
+        return {"window": window, "by": by, "since": since, "until": until, "bucket_seconds": bucket, "rows": rows}, window, by
+
+    async def usage_data(self) -> Response:
+        body, _, _ = await self._usage()
+        return json_response(body)
+
+    async def usage_csv(self) -> Response:
+        body, window, by = await self._usage()
+        lines = [f"bucket_start_utc,{by},sessions,prompt_tokens,completion_tokens,reasoning_tokens,cost_usd"]
+        for row in body["rows"]:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["at"]))
+            group = str(row["group"] if row["group"] is not None else "")
+            if any(c in group for c in ',"\n'):
+                group = '"' + group.replace('"', '""') + '"'
+            lines.append(f"{stamp},{group},{row['sessions']},{row['prompt_tokens']},{row['completion_tokens']},{row['reasoning_tokens']},{row['cost_usd']:.6f}")
+        return Response(
+            "\n".join(lines) + "\n", content_type="text/csv; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="streamvisor-usage-{window}-by-{by}.csv"', "Cache-Control": "no-store"},
+        )
 
     async def chat(self) -> Response:
         """The playground's request: a chat completion started as the signed-in

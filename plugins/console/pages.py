@@ -7,10 +7,13 @@ from __future__ import annotations
 import html
 
 #: (path, label) of the navigation, in order.
-NAV = (("/console/live", "Live"), ("/console/playground", "Playground"), ("/console/models", "Models and plugins"))
+NAV = (("/console/live", "Live"), ("/console/usage", "Usage"), ("/console/playground", "Playground"), ("/console/models", "Models and plugins"))
 
 
-def layout(title: str, body: str, *, who: str | None, csrf: str = "", current: str = "", scripts: tuple[str, ...] = (), version: str = "") -> str:
+def layout(
+    title: str, body: str, *, who: str | None, csrf: str = "", current: str = "", scripts: tuple[str, ...] = (), version: str = "",
+    vendor: tuple[str, ...] = (),
+) -> str:
     nav = ""
     if who is not None:
         marked = ' aria-current="page"'
@@ -25,7 +28,13 @@ def layout(title: str, body: str, *, who: str | None, csrf: str = "", current: s
     <button type="submit">Sign out</button>
   </form>
 </header>"""
-    tags = "".join(f'<script type="module" src="/console/static/{html.escape(name)}?v={html.escape(version)}"></script>' for name in scripts)
+    # Vendored libraries: classic scripts (they define globals) and their styles, before the page's modules.
+    tags = "".join(
+        f'<link rel="stylesheet" href="/console/static/vendor/{html.escape(name)}">' if name.endswith(".css")
+        else f'<script src="/console/static/vendor/{html.escape(name)}"></script>'
+        for name in vendor
+    )
+    tags += "".join(f'<script type="module" src="/console/static/{html.escape(name)}?v={html.escape(version)}"></script>' for name in scripts)
     return f"""<!doctype html>
 <html lang="en">
 <head>
@@ -191,3 +200,33 @@ def playground() -> str:
   </div>
   <pre id="snippet" class="output"></pre>
 </section>"""
+
+
+def usage() -> str:
+    return """
+<h1>Usage</h1>
+<form id="usage-form" class="row">
+  <fieldset class="row"><legend class="visually-hidden">Window</legend>
+    <label><input type="radio" name="window" value="1h" checked> 1 hour</label>
+    <label><input type="radio" name="window" value="24h"> 24 hours</label>
+    <label><input type="radio" name="window" value="30d"> 30 days</label>
+  </fieldset>
+  <label>By <select name="by">
+    <option value="model">model</option><option value="key_id">key</option><option value="outcome">outcome</option>
+    <option value="identity">identity</option>
+  </select></label>
+  <a id="csv" href="/console/api/usage.csv?window=1h&amp;by=model" download>Download CSV</a>
+</form>
+<p id="usage-state" class="muted" role="status">Loading…</p>
+<div class="charts">
+  <figure><figcaption>Tokens (prompt and completion)</figcaption><div id="chart-tokens" class="chart" role="img" aria-label="Tokens over time"></div></figure>
+  <figure><figcaption>Cost (US dollars)</figcaption><div id="chart-cost" class="chart" role="img" aria-label="Cost over time"></div></figure>
+  <figure><figcaption>Sessions</figcaption><div id="chart-sessions" class="chart" role="img" aria-label="Sessions over time"></div></figure>
+</div>
+<div class="table-wrap">
+<table id="usage-table" class="sessions">
+  <thead><tr><th scope="col" id="group-head">Model</th><th scope="col" class="num">Sessions</th><th scope="col" class="num">Prompt tokens</th>
+    <th scope="col" class="num">Completion tokens</th><th scope="col" class="num">Reasoning tokens</th><th scope="col" class="num">Cost</th></tr></thead>
+  <tbody></tbody>
+</table>
+</div>"""

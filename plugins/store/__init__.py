@@ -284,6 +284,19 @@ class Store:
     ) -> list[dict[str, Any]]:
         return await self._run(queries.usage_records, model, provider, identity, since, until, limit, team)
 
+    async def usage_series(
+        self, since: float, until: float, bucket_seconds: float, by: str, *, identity: str | None = None, team: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The usage ledger over time (contract 1.5, optional): sessions that
+        finished in [since, until), summed per bucket of `bucket_seconds` and per
+        `by` (model, key_id, outcome, identity or provider). Each row: `at` (the
+        bucket's start), `group`, `sessions`, `prompt_tokens`,
+        `completion_tokens`, `reasoning_tokens`, `cost_usd`. Buckets without
+        sessions are left out."""
+        if not (bucket_seconds > 0 and until > since):
+            raise ValueError("usage_series needs since < until and a bucket of more than 0 seconds")
+        return await self._run(queries.usage_series, since, until, bucket_seconds, by, identity, team)
+
     # -- RecordStore (contract 1.2) -------------------------------------------------------
 
     async def put_record(self, kind: str, record_id: str, data: dict[str, Any], lookup: str | None = None) -> None:

@@ -297,6 +297,32 @@ def usage(
     ]
 
 
+#: What `usage_series` may group by.
+SERIES_GROUPS = ("model", "key_id", "outcome", "identity", "provider")
+
+
+def usage_series(
+    conn: Conn, since: float, until: float, bucket: float, by: str, identity: str | None = None, team: str | None = None
+) -> list[dict[str, Any]]:
+    """The ledger in time buckets of `bucket` seconds from `since`, per `by`."""
+    if by not in SERIES_GROUPS:
+        raise ValueError(f"usage_series groups by one of {', '.join(SERIES_GROUPS)}, not {by!r}")
+    clause, params = _usage_where(None, None, identity, since, until, team)
+    index = "FLOOR((finished_at - ?) / ?)" if conn.dialect == "postgres" else "CAST((finished_at - ?) / ? AS INTEGER)"
+    rows = conn.all(
+        f"SELECT {index} AS b, {by}, COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(reasoning_tokens), SUM(cost_usd)"
+        f" FROM usage_records{clause} GROUP BY b, {by} ORDER BY b",
+        (since, bucket, *params),
+    )
+    return [
+        {
+            "at": since + int(b) * bucket, "group": g, "sessions": int(n), "prompt_tokens": int(pt or 0), "completion_tokens": int(ct or 0),
+            "reasoning_tokens": int(rt or 0), "cost_usd": float(c or 0.0),
+        }
+        for b, g, n, pt, ct, rt, c in rows
+    ]
+
+
 def usage_records(
     conn: Conn,
     model: str | None,
