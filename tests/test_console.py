@@ -236,3 +236,39 @@ def test_usage_shows_a_keys_requests_by_key_with_a_csv(server, page):
     text = open(download.value.path()).read()
     assert text.splitlines()[0] == "bucket_start_utc,key_id,sessions,prompt_tokens,completion_tokens,reasoning_tokens,cost_usd"
     assert sum(int(line.split(",")[2]) for line in text.splitlines()[1:] if line.split(",")[1] == key_id) == 2
+
+
+def test_a_key_created_in_the_console_works_shows_its_spend_and_can_be_revoked(server, page):
+    import openai
+
+    sign_in(page, server, ADMIN_KEY)
+    page.get_by_role("link", name="Keys").click()
+    page.wait_for_url("**/console/keys")
+    page.get_by_label("Identity").fill("dora")
+    page.get_by_label("Name").fill("dora's laptop")
+    page.get_by_label("Budget (US dollars)").first.fill("5")
+    page.get_by_role("button", name="Create key").click()
+    secret = page.locator("#secret")
+    secret.wait_for()
+    value = secret.inner_text()
+    assert value.startswith("sk-sv-")
+    answer = server.openai(api_key=value).chat.completions.create(model="fox", messages=[{"role": "user", "content": "hello"}])
+    assert answer.choices[0].message.content.startswith("The quick brown fox")
+    row = page.locator("#keys tbody tr", has_text="dora")
+    key_id = row.get_attribute("data-key")
+    assert "of $5" in row.inner_text()
+    # Its request, in Usage by key.
+    page.get_by_role("link", name="Usage").click()
+    page.get_by_label("By").select_option("key_id")
+    page.locator("#usage-table tbody tr", has_text=key_id).wait_for()
+    # Limits, then revoked: the client is refused.
+    page.get_by_role("link", name="Keys").click()
+    page.get_by_role("button", name=f"Limits of {key_id}").click()
+    page.locator("#l-rpm").fill("30")
+    page.get_by_role("button", name="Save").click()
+    page.locator(f'#keys tr[data-key="{key_id}"]', has_text="30 req/min").wait_for()
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name=f"Revoke {key_id}").click()
+    page.locator(f'#keys tr[data-key="{key_id}"]', has_text="revoked").wait_for()
+    with pytest.raises(openai.AuthenticationError):
+        server.openai(api_key=value).chat.completions.create(model="fox", messages=[{"role": "user", "content": "again"}])

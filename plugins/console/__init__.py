@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 import orjson
 import trio
-from quart import Response, redirect, request, send_from_directory
+from quart import Response, current_app, redirect, request, send_from_directory
 
 from streamvisor.hooks import (
     ANONYMOUS,
@@ -33,6 +33,7 @@ from streamvisor.hooks import (
     Principal,
     Session,
     SessionQuery,
+    admin_key,
     StoredSession,
     hookimpl,
     json_response,
@@ -97,6 +98,7 @@ class ConsolePlugin:
         register("/console/sessions/<session_id>", self.session_page, openapi=page)
         register("/console/models", self.models_page, openapi=page)
         register("/console/usage", self.usage_page, openapi=page)
+        register("/console/keys", self.keys_page, openapi=page)
         register("/console/playground", self.playground_page, openapi=page)
         register("/console/static/<path:name>", self.static, openapi={"summary": "The console's scripts and styles", "responses": {"200": {"description": "a file"}}})
         register("/console/api/feed", self.feed, openapi=_api("The live sessions, pushed as they change (SSE)", "text/event-stream"))
@@ -107,6 +109,11 @@ class ConsolePlugin:
         register("/console/api/models", self.models_data, openapi=_api("Providers, models, readiness checks and plugins"))
         register("/console/api/usage", self.usage_data, openapi=_api("Usage over a window, in time buckets, by model, key, outcome or identity"))
         register("/console/api/usage.csv", self.usage_csv, openapi=_api("The same usage as CSV", "text/csv"))
+        register("/console/api/keys", self.keys_data, openapi=_api("API keys with their spend and budget (the keys plugin's)"))
+        register("/console/api/keys", self.create_key, methods=("POST",), openapi=_api("Create an API key (the admin's)"))
+        register("/console/api/keys/<key_id>", self.update_key, methods=("PATCH",), openapi=_api("Change a key's limits or budget (the admin's)"))
+        register("/console/api/keys/<key_id>", self.revoke_key, methods=("DELETE",), openapi=_api("Revoke a key (the admin's)"))
+        register("/console/api/keys/<key_id>/rotate", self.rotate_key, methods=("POST",), openapi=_api("Give a key a new secret (the admin's)"))
         register("/console/api/chat", self.chat, methods=("POST",), openapi=_api("The playground: a chat completion streamed as the console's events (SSE)", "text/event-stream"))
 
     @hookimpl
@@ -224,6 +231,12 @@ class ConsolePlugin:
         if principal is None:
             return self._to_login()
         return self._html("Usage", pages.usage(), principal, "/console/usage", ("usage.js",), vendor=("uPlot.min.css", "uPlot.iife.min.js"))
+
+    async def keys_page(self) -> Response:
+        principal = self.principal()
+        if principal is None:
+            return self._to_login()
+        return self._html("Keys", pages.keys(principal.is_admin), principal, "/console/keys", ("keys.js",))
 
     async def playground_page(self) -> Response:
         principal = self.principal()
@@ -393,6 +406,70 @@ class ConsolePlugin:
             "\n".join(lines) + "\n", content_type="text/csv; charset=utf-8",
             headers={"Content-Disposition": f'attachment; filename="streamvisor-usage-{window}-by-{by}.csv"', "Cache-Control": "no-store"},
         )
+
+    # -- keys: through the keys plugin's admin API ------------------------------------------
+
+    async def _admin_api(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """Call an admin route of this server in-process, with the admin key: the
+        keys plugin's API is its contract, so the console uses it like any client."""
+        key = admin_key()
+        if key is None:
+            raise APIError("Managing keys needs STREAMVISOR_ADMIN_KEY.", status=403, type="permission_error", code="admin_disabled")
+        client = current_app.test_client()
+        response = await client.open(path, method=method, headers={"Authorization": f"Bearer {key}"}, json=body)
+        data = await response.get_json(force=True, silent=True)
+        return response.status_code, data
+
+    def _relay(self, status: int, data: Any) -> Response:
+        if status == 404 and isinstance(data, dict) and data.get("error", {}).get("code") in (None, "not_found", "route_not_found"):
+            return json_response({"error": {"message": "API keys need the keys plugin ([plugins.keys]).", "type": "invalid_request_error", "code": "keys_disabled"}}, 404)
+        return json_response(data, status)
+
+    async def keys_data(self) -> Response:
+        principal = self._require()
+        if not principal.is_admin:
+            if principal.key_id is None:
+                return json_response({"object": "list", "data": [], "admin": False})
+            status, data = await self._admin_api("GET", f"/admin/keys/{urllib.parse.quote(principal.key_id)}")
+            if status != 200:
+                return self._relay(status, data)
+            return json_response({"object": "list", "data": [data], "admin": False})
+        status, listed = await self._admin_api("GET", "/admin/keys?limit=100")
+        if status != 200:
+            return self._relay(status, listed)
+        shown = []
+        for key in listed["data"]:
+            # Each key's spend and budget: the list leaves them out.
+            status, data = await self._admin_api("GET", f"/admin/keys/{urllib.parse.quote(key['id'])}")
+            shown.append(data if status == 200 else key)
+        return json_response({"object": "list", "data": shown, "admin": True, "has_more": listed.get("has_more", False)})
+
+    def _admin_action(self) -> Principal:
+        principal = self._check_action()
+        if not principal.is_admin:
+            raise APIError("Only the admin manages keys.", status=403, type="permission_error", code="admin_only")
+        return principal
+
+    async def create_key(self) -> Response:
+        principal = self._admin_action()
+        status, data = await self._admin_api("POST", "/admin/keys", await read_json())
+        if status == 201:
+            log.info("console: %s created key %s for %s", describe(principal), data.get("id"), data.get("identity"))
+        return self._relay(status, data)
+
+    async def update_key(self, key_id: str) -> Response:
+        self._admin_action()
+        return self._relay(*await self._admin_api("PATCH", f"/admin/keys/{urllib.parse.quote(key_id)}", await read_json()))
+
+    async def revoke_key(self, key_id: str) -> Response:
+        principal = self._admin_action()
+        log.info("console: %s revoked key %s", describe(principal), key_id)
+        return self._relay(*await self._admin_api("DELETE", f"/admin/keys/{urllib.parse.quote(key_id)}"))
+
+    async def rotate_key(self, key_id: str) -> Response:
+        principal = self._admin_action()
+        log.info("console: %s rotated key %s", describe(principal), key_id)
+        return self._relay(*await self._admin_api("POST", f"/admin/keys/{urllib.parse.quote(key_id)}/rotate"))
 
     async def chat(self) -> Response:
         """The playground's request: a chat completion started as the signed-in

@@ -7,7 +7,10 @@ from __future__ import annotations
 import html
 
 #: (path, label) of the navigation, in order.
-NAV = (("/console/live", "Live"), ("/console/usage", "Usage"), ("/console/playground", "Playground"), ("/console/models", "Models and plugins"))
+NAV = (
+    ("/console/live", "Live"), ("/console/usage", "Usage"), ("/console/keys", "Keys"), ("/console/playground", "Playground"),
+    ("/console/models", "Models and plugins"),
+)
 
 
 def layout(
@@ -230,3 +233,51 @@ def usage() -> str:
   <tbody></tbody>
 </table>
 </div>"""
+
+
+def keys(admin: bool) -> str:
+    create = """
+<section aria-labelledby="create-title">
+  <h2 id="create-title">Create a key</h2>
+  <form id="create-key" class="grid-form">
+    <label for="k-identity">Identity</label><input id="k-identity" name="identity" required placeholder="who uses it">
+    <label for="k-name">Name</label><input id="k-name" name="name" placeholder="optional">
+    <label for="k-team">Team</label><input id="k-team" name="team" placeholder="optional">
+    <label for="k-rpm">Requests per minute</label><input id="k-rpm" name="rpm_limit" type="number" min="1" step="1">
+    <label for="k-tpm">Tokens per minute</label><input id="k-tpm" name="tpm_limit" type="number" min="1" step="1">
+    <label for="k-streams">Concurrent streams</label><input id="k-streams" name="max_concurrent_streams" type="number" min="1" step="1">
+    <label for="k-budget">Budget (US dollars)</label><input id="k-budget" name="max_budget_usd" type="number" min="0" step="any">
+    <label for="k-period">Budget period</label>
+    <select id="k-period" name="budget_period"><option value="">all time</option><option value="day">day</option><option value="month">month</option></select>
+    <span></span><button type="submit">Create key</button>
+  </form>
+</section>""" if admin else ""
+    return f"""
+<h1>Keys</h1>
+<p id="keys-state" class="muted" role="status">Loading…</p>
+<div id="secret-box" class="secret" role="alert" hidden>
+  <p><strong>Copy the secret now: it is not shown again.</strong></p>
+  <p><code id="secret"></code> <button id="copy" type="button" class="secondary">Copy</button> <span id="copied" class="muted" aria-live="polite"></span></p>
+</div>
+{create}
+<section aria-labelledby="keys-title">
+  <h2 id="keys-title">{"API keys" if admin else "Your key"}</h2>
+  <div class="table-wrap"><table id="keys" class="sessions">
+    <thead><tr><th scope="col">Key</th><th scope="col">Identity</th><th scope="col">Team</th><th scope="col">Limits</th>
+      <th scope="col" class="num">Spent</th><th scope="col">Budget</th><th scope="col">State</th>
+      <th scope="col"><span class="visually-hidden">Actions</span></th></tr></thead>
+    <tbody></tbody>
+  </table></div>
+</section>
+<dialog id="limits-dialog" aria-labelledby="limits-title">
+  <form id="limits-form" method="dialog" class="grid-form">
+    <h2 id="limits-title">Limits of <code id="limits-key"></code></h2><span></span>
+    <label for="l-rpm">Requests per minute</label><input id="l-rpm" name="rpm_limit" type="number" min="1" step="1">
+    <label for="l-tpm">Tokens per minute</label><input id="l-tpm" name="tpm_limit" type="number" min="1" step="1">
+    <label for="l-streams">Concurrent streams</label><input id="l-streams" name="max_concurrent_streams" type="number" min="1" step="1">
+    <label for="l-budget">Budget (US dollars)</label><input id="l-budget" name="max_budget_usd" type="number" min="0" step="any">
+    <label for="l-period">Budget period</label>
+    <select id="l-period" name="budget_period"><option value="">all time</option><option value="day">day</option><option value="month">month</option></select>
+    <button type="button" class="secondary" id="limits-cancel">Cancel</button><button type="submit" value="save">Save</button>
+  </form>
+</dialog>"""
