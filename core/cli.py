@@ -183,9 +183,24 @@ async def serve(
                 ready = logging.getLogger("streamvisor.ready")
                 if worker is None:
                     ready.info("streamvisor listening on %s (models: %s)", binds[0], models)
+                    # Pages for people (a route whose GET operation says
+                    # "x-streamvisor-page": its label): the last lines, to open.
+                    for label, path in _pages(runtime):
+                        ready.info("%s: %s%s", label, url, path)
                 else:
                     ready.info("streamvisor worker %d serving %s (pid %d, models: %s)", worker, binds[0], os.getpid(), models)
                 task_status.started(Listening(url, runtime, app))
+
+
+def _pages(runtime: Any) -> list[tuple[str, str]]:
+    """(label, path) of the routes plugins marked as pages for people (contract
+    1.5: `"x-streamvisor-page": "Console"` in a GET route's OpenAPI operation)."""
+    pages = []
+    for route in runtime.routes:
+        label = route.openapi.get("GET", {}).get("x-streamvisor-page")
+        if isinstance(label, str) and label and "<" not in route.path:
+            pages.append((label, route.path))
+    return pages
 
 
 @attrs.frozen

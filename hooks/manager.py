@@ -55,7 +55,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
 #: without a config file; the repository's plugins.toml enables the same.
 #: Order matters: reasoning splits <think> before the monitor measures chunks,
 #: the cache answers before retries are tried.
-DEFAULT_STACK: tuple[str, ...] = ("reasoning", "cache", "retry", "pricing", "responses", "webhooks", "files", "store", "usage", "monitor", "health", "admin")
+DEFAULT_STACK: tuple[str, ...] = ("reasoning", "cache", "retry", "pricing", "responses", "webhooks", "files", "store", "console", "usage", "monitor", "health", "admin")
 
 
 def _version() -> str:

@@ -68,7 +68,7 @@ def test_plugins_lists_loaded_plugins_with_versions_and_hooks():
     assert lines[0].split() == ["name", "version", "from", "contract", "hooks"]
     assert re.match(r"local\s+0\.1\.0\s+built-in\s+1\.0\s+register_providers, startup$", lines[1])
     names = [line.split()[0] for line in lines[1:-2]]
-    assert names == ["local", "reasoning", "cache", "retry", "pricing", "responses", "webhooks", "files", "store", "usage", "monitor", "health", "admin"]
+    assert names == ["local", "reasoning", "cache", "retry", "pricing", "responses", "webhooks", "files", "store", "console", "usage", "monitor", "health", "admin"]
     assert re.search(r"^store\s+0\.1\.0\s+built-in\s+1\.5\s+.*register_store", result.stdout, re.M)
     assert re.search(r"^pricing\s+0\.1\.0\s+built-in\s+1\.2\s+.*register_pricing", result.stdout, re.M)
     assert re.search(r"^monitor\s+0\.1\.0\s+built-in\s+1\.0\s+.*on_event.*register_routes", result.stdout, re.M)

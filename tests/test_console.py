@@ -272,3 +272,45 @@ def test_a_key_created_in_the_console_works_shows_its_spend_and_can_be_revoked(s
     page.locator(f'#keys tr[data-key="{key_id}"]', has_text="revoked").wait_for()
     with pytest.raises(openai.AuthenticationError):
         server.openai(api_key=value).chat.completions.create(model="fox", messages=[{"role": "user", "content": "again"}])
+
+
+def test_a_thousand_live_sessions_do_not_freeze_the_live_page(browser, tmp_path):
+    """A thousand background sessions, each writing a chunk a second: the Live
+    page shows them all, and the page's main thread keeps drawing frames while
+    the updates come (the longest gap between two frames stays short)."""
+    text = f"""
+[plugins.console]
+tick_ms = 250
+[plugins.scripted]
+[[plugins.scripted.models]]
+name = "crawl"
+text = "step "
+repeat = 300
+delay = 1.0
+"""
+    big = ServerThread(make_config(text, max_background_sessions=2000, max_live_sessions=5000)).start()
+    try:
+        with httpx.Client(base_url=big.url, timeout=30) as http:
+            body = {"model": "crawl", "messages": [{"role": "user", "content": "go"}], "background": True}
+            for _ in range(1000):
+                assert http.post("/v1/chat/completions", json=body).status_code == 202
+        with open_page(browser, "test_a_thousand_live_sessions_do_not_freeze_the_live_page") as page:
+            sign_in(page, big, ADMIN_KEY)
+            page.wait_for_function("() => document.getElementById('live-count').textContent === '1000'", timeout=15_000)
+            assert page.locator("#live tbody tr").count() == 1000
+            longest = page.evaluate(
+                """() => new Promise((done) => {
+                    let last = performance.now(), worst = 0;
+                    const end = last + 3000;
+                    function frame(now) {
+                        worst = Math.max(worst, now - last); last = now;
+                        if (now < end) requestAnimationFrame(frame); else done(worst);
+                    }
+                    requestAnimationFrame(frame);
+                })"""
+            )
+            tokens = page.locator("#live tbody tr").first.locator("[data-col=tokens]").inner_text()
+        assert longest < 500, f"the page froze for {longest:.0f} ms"
+        assert int(tokens) > 0
+    finally:
+        big.stop()

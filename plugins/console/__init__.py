@@ -90,7 +90,8 @@ class ConsolePlugin:
         self.runtime = runtime
         self.hub = Hub(runtime, self.settings.tick_ms / 1000)
         page = {"summary": "A page of the console (HTML)", "responses": {"200": {"description": "HTML", "content": {"text/html": {}}}}}
-        register("/console", self.index, openapi=page)
+        # The page `streamvisor serve` names last, for a person to open.
+        register("/console", self.index, openapi={**page, "x-streamvisor-page": "console (sign in with the admin key or an API key)"})
         register("/console/login", self.login_page, openapi=page)
         register("/console/login", self.login, methods=("POST",), openapi=_form("Sign in to the console with the admin key or an API key"))
         register("/console/logout", self.logout, methods=("POST",), openapi=_form("Sign out of the console"))

@@ -5,6 +5,8 @@
 import { el, fmtAge, fmtCost, fmtMs, fmtTime, getJSON, post, shortId } from "./common.js";
 
 const rows = new Map();        // id -> live row data
+const drawn = new Map();       // id -> {tr, state, age, tokens, tps, ttft}: the row on screen and its cells
+const changed = new Set();     // ids whose data changed since the last frame
 let clockSkew = 0;             // server now - local now, seconds
 let dirty = false;
 const body = document.querySelector("#live tbody");
@@ -22,42 +24,50 @@ function liveRow(s) {
     try { await post(`/console/api/sessions/${encodeURIComponent(s.id)}/stop`); }
     catch (error) { stop.disabled = false; feedState.textContent = `Could not stop ${s.id}: ${error.message}`; }
   });
-  const tr = el("tr", { "data-id": s.id },
+  const cells = {
+    state: el("td", { "data-col": "state" }), age: el("td", { class: "num", "data-col": "age" }),
+    tokens: el("td", { class: "num", "data-col": "tokens" }), tps: el("td", { class: "num", "data-col": "tps" }),
+    ttft: el("td", { class: "num", "data-col": "ttft" }),
+  };
+  cells.tr = el("tr", { "data-id": s.id },
     el("td", {}, el("a", { href: `/console/sessions/${encodeURIComponent(s.id)}`, title: s.id, text: shortId(s.id) })),
-    el("td", { text: s.model }), el("td", { text: s.identity }), el("td", { "data-col": "state" }),
-    el("td", { class: "num", "data-col": "age" }), el("td", { class: "num", "data-col": "tokens" }),
-    el("td", { class: "num", "data-col": "tps" }), el("td", { class: "num", "data-col": "ttft" }), el("td", {}, stop));
-  return tr;
+    el("td", { text: s.model }), el("td", { text: s.identity }), cells.state, cells.age, cells.tokens, cells.tps, cells.ttft, el("td", {}, stop));
+  return cells;
 }
 
-function fill(tr, s, now) {
-  const cells = tr.querySelectorAll("[data-col]");
-  const state = cells[0];
-  state.textContent = s.state + (s.background ? " (background)" : "");
-  state.className = `state-${s.state}`;
-  cells[1].textContent = fmtAge(now - s.created_at);
-  cells[2].textContent = String(s.tokens);
-  cells[3].textContent = s.tps === null ? "—" : String(s.tps);
-  cells[4].textContent = fmtMs(s.ttft_ms);
+// Only what differs is written: a thousand rows cost a thousand comparisons,
+// not a thousand layouts.
+function set(cell, text) { if (cell.textContent !== text) cell.textContent = text; }
+
+function fill(cells, s) {
+  set(cells.state, s.state + (s.background ? " (background)" : ""));
+  const cls = `state-${s.state}`;
+  if (cells.state.className !== cls) cells.state.className = cls;
+  set(cells.tokens, String(s.tokens));
+  set(cells.tps, s.tps === null ? "—" : String(s.tps));
+  set(cells.ttft, fmtMs(s.ttft_ms));
 }
 
-function draw() {
+let agesAt = 0;
+
+function draw(now) {
   dirty = false;
-  const now = Date.now() / 1000 + clockSkew;
-  const present = new Set();
-  for (const tr of body.querySelectorAll("tr[data-id]")) {
-    const s = rows.get(tr.dataset.id);
-    if (!s) { tr.remove(); continue; }
-    present.add(s.id);
-    fill(tr, s, now);
+  const added = [];
+  for (const id of changed) {
+    const s = rows.get(id);
+    let cells = drawn.get(id);
+    if (!s) { if (cells) { cells.tr.remove(); drawn.delete(id); } continue; }
+    if (!cells) { cells = liveRow(s); drawn.set(id, cells); added.push(cells.tr); set(cells.age, fmtAge(Date.now() / 1000 + clockSkew - s.created_at)); }
+    fill(cells, s);
   }
-  for (const s of rows.values()) {
-    if (present.has(s.id)) continue;
-    const tr = liveRow(s);
-    fill(tr, s, now);
-    body.append(tr);
+  changed.clear();
+  if (added.length) body.append(...added);
+  if (now - agesAt > 1000) {   // ages move on once a second
+    agesAt = now;
+    const at = Date.now() / 1000 + clockSkew;
+    for (const [id, cells] of drawn) set(cells.age, fmtAge(at - rows.get(id).created_at));
   }
-  count.textContent = String(rows.size);
+  set(count, String(rows.size));
 }
 
 function historyRow(s) {
@@ -94,6 +104,7 @@ async function loadHistory(reset) {
 function ended(list) {
   for (const s of list) {
     rows.delete(s.id);
+    changed.add(s.id);
     if (matches(s) && !history.querySelector(`tr[data-id="${CSS.escape(s.id)}"]`)) history.prepend(historyRow(s));
   }
 }
@@ -106,10 +117,11 @@ function connect() {
     const message = JSON.parse(event.data);
     clockSkew = message.now - Date.now() / 1000;
     if (message.type === "snapshot") {
+      for (const id of rows.keys()) changed.add(id);
       rows.clear();
-      for (const s of message.sessions) rows.set(s.id, s);
+      for (const s of message.sessions) { rows.set(s.id, s); changed.add(s.id); }
     } else {
-      for (const s of message.upsert) rows.set(s.id, s);
+      for (const s of message.upsert) { rows.set(s.id, s); changed.add(s.id); }
     }
     if (message.ended) ended(message.ended);
     schedule();
