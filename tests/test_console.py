@@ -35,12 +35,19 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     folder = tmp_path_factory.mktemp("console")
     text = f"""
 [plugins.keys]
+[plugins.retry]
+backoff_initial = 0.01
 [plugins.console]
 tick_ms = 100
 [plugins.store]
 url = "sqlite:///{folder}/s.db"
 flush_interval_ms = 50
 {SCRIPTED}
+[[plugins.scripted.models]]
+name = "flaky"
+text = "second time lucky"
+fail_first = 1
+error_status = 502
 """
     thread = ServerThread(make_config(text, session_retention_seconds=30)).start()
     try:
@@ -314,3 +321,35 @@ delay = 1.0
         assert int(tokens) > 0
     finally:
         big.stop()
+
+
+def test_a_sessions_page_shows_its_retries(server, page):
+    response = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "flaky", "messages": [{"role": "user", "content": "try"}]}, headers=ADMIN)
+    assert response.status_code == 200, response.text
+    sign_in(page, server, ADMIN_KEY)
+    page.goto(f"{server.url}/console/sessions/{response.headers['x-session-id']}")
+    page.wait_for_function("() => document.getElementById('facts').textContent.includes('Retries')")
+    facts = page.locator("#facts").inner_text()
+    assert "server_error (502)" in facts, facts
+    assert "Fallbacks\nnone" in facts
+    assert page.locator("#output").inner_text() == "second time lucky"
+
+
+def test_every_control_of_every_page_has_a_name(server, page):
+    """Basic accessibility: each input, select and textarea has a label, each
+    button and link a name, and the page has one h1; on every console page."""
+    sign_in(page, server, ADMIN_KEY)
+    for path in ("/console/live", "/console/usage", "/console/keys", "/console/playground", "/console/models"):
+        page.goto(server.url + path)
+        page.wait_for_load_state("networkidle")
+        unnamed = page.evaluate(
+            """() => [...document.querySelectorAll('input:not([type=hidden]), select, textarea, button, a[href]')]
+                .filter((e) => e.offsetParent !== null || e.closest('dialog'))
+                .filter((e) => {
+                    const byLabel = e.labels && e.labels.length > 0;
+                    const text = (e.getAttribute('aria-label') || e.textContent || '').trim();
+                    return !(byLabel || text);
+                }).map((e) => e.outerHTML.slice(0, 80))"""
+        )
+        assert unnamed == [], (path, unnamed)
+        assert page.locator("h1").count() == 1, path

@@ -28,6 +28,7 @@ from streamvisor.hooks import (
     ANONYMOUS,
     APIError,
     ChatRequest,
+    Event,
     InvalidRequest,
     NotFound,
     Principal,
@@ -37,6 +38,7 @@ from streamvisor.hooks import (
     StoredSession,
     hookimpl,
     json_response,
+    listens_to,
     positive,
     read_json,
 )
@@ -52,6 +54,8 @@ __all__ = ["ConsolePlugin", "Settings"]
 STATIC = Path(__file__).parent / "static"
 #: The usage windows: (seconds, bucket seconds).
 WINDOWS = {"1h": (3600, 60), "24h": (86400, 900), "30d": (30 * 86400, 6 * 3600)}
+#: Sessions whose events (retries, fallbacks, cache hits) are kept for their page.
+NOTED_SESSIONS = 10_000
 #: History rows per page.
 HISTORY_PAGE = 50
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -82,6 +86,8 @@ class ConsolePlugin:
         self.runtime: Any = None
         self.hub: Hub | None = None
         self.version = str(int(time.time()))
+        #: Session id -> what its events said (bounded: NOTED_SESSIONS).
+        self._notes: dict[str, list[dict[str, Any]]] = {}
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -121,6 +127,22 @@ class ConsolePlugin:
     def register_services(self, register: Any) -> None:
         assert self.hub is not None
         register("live", self.hub.run)
+
+    @hookimpl
+    @listens_to(exclude=("created", "started", "first_token", "chunk", "completed", "failed", "stopped", "disconnected"))
+    def on_event(self, event: Event) -> None:
+        """What happened to a session besides its chunks (retries, fallbacks, a
+        cache hit, any plugin's session events): kept for its page, for the
+        last `NOTED_SESSIONS` sessions that had any."""
+        if not event.session_id:
+            return
+        notes = self._notes.get(event.session_id)
+        if notes is None:
+            notes = self._notes[event.session_id] = []
+            while len(self._notes) > NOTED_SESSIONS:
+                del self._notes[next(iter(self._notes))]
+        if len(notes) < 50:
+            notes.append({"type": event.type, "at": round(event.at, 3), **{k: v for k, v in event.data.items() if isinstance(v, (str, int, float, bool)) or v is None}})
 
     @hookimpl
     def register_status_panels(self, register: Any) -> None:
@@ -323,6 +345,7 @@ class ConsolePlugin:
                 kept = await read(session_id)
                 messages = None if kept is None else kept.get("messages")
         body["messages"] = messages
+        body["events"] = self._notes.get(session_id, [])
         body["live"] = not found.finished if hasattr(found, "finished") else False
         return json_response(body)
 

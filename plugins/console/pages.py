@@ -125,6 +125,7 @@ def session(session_id: str) -> str:
 <div id="session" data-session="{sid}">
   <p id="summary" class="muted" role="status">Loading…</p>
   <div id="timing" class="timing" aria-label="Timing"></div>
+  <p id="gaps" class="muted"></p>
   <dl id="facts" class="facts"></dl>
   <p><button id="stop" type="button" hidden>Stop this session</button></p>
   <section aria-labelledby="request-title">

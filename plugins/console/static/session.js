@@ -21,6 +21,13 @@ function facts(s) {
     ["Cost", fmtCost(usage.cost_usd)], ["Counts", usage.exact === false ? "estimated" : "exact"],
     ["Background", s.background ? "yes" : "no"], ["Cache", s.headers?.["X-Cache"] || s.headers?.["x-cache"] || "—"],
   ];
+  const events = s.events || [];
+  const retries = events.filter((e) => e.type === "retry");
+  const fallbacks = events.filter((e) => e.type === "fallback");
+  const hit = events.find((e) => e.type === "cache_hit");
+  items.push(["Retries", retries.length ? retries.map((e) => `${e.reason || e.error_type || "retry"}${e.status ? ` (${e.status})` : ""}`).join(", ") : "none"]);
+  items.push(["Fallbacks", fallbacks.length ? fallbacks.map((e) => `${e.from_model} → ${e.to_model} (${e.reason})`).join(", ") : "none"]);
+  if (hit) items.push(["Cache hit", `${hit.backend || ""} answer, ${hit.age_seconds ?? "?"} s old`]);
   if (s.error) items.push(["Error", `${s.error.message} (${s.error.code || s.error.type})`]);
   dl.replaceChildren(...items.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { text: String(v) })]));
 }
@@ -38,6 +45,17 @@ function timing(t) {
   };
   bar.replaceChildren(part("queued", started, "queued"), part("waiting", Math.max(0, first - started), "first token"), part("streaming", Math.max(0, total - first), "streaming"));
   bar.setAttribute("aria-label", `Queued ${fmtMs(started)}, first token after ${fmtMs(t.first_token_ms)}, ${fmtMs(total)} in all`);
+}
+
+// Gaps between chunks, as this page saw them arrive (a live session only).
+const arrivals = [];
+
+function gaps() {
+  const box = document.getElementById("gaps");
+  if (arrivals.length < 3) { box.textContent = "Chunk gaps: measured while a session streams on this page."; return; }
+  const g = arrivals.slice(1).map((t, i) => t - arrivals[i]).sort((a, b) => a - b);
+  const pick = (q) => g[Math.min(g.length - 1, Math.floor(q * g.length))];
+  box.textContent = `Chunk gaps seen here: median ${fmtMs(pick(0.5))}, p90 ${fmtMs(pick(0.9))}, longest ${fmtMs(g[g.length - 1])} (${g.length} gaps)`;
 }
 
 function show(s) {
@@ -66,16 +84,18 @@ async function main() {
   const s = await getJSON(`/console/api/sessions/${encodeURIComponent(id)}`);
   if (!s) return;
   show(s);
+  gaps();
   messages(s.messages);
   const source = new EventSource(`/console/api/sessions/${encodeURIComponent(id)}/stream`);
   source.onmessage = (event) => {
     const message = JSON.parse(event.data);
     if (message.type === "delta") {
+      if (s.state === "running" || s.state === "pending") { arrivals.push(performance.now()); gaps(); }
       if (message.content) output.append(message.content);
       if (message.reasoning) { reasoningBox.hidden = false; reasoning.append(message.reasoning); }
     } else if (message.type === "end") {
       source.close();
-      show(message.session);
+      show({ ...message.session, events: s.events, headers: s.headers });
     } else if (message.type === "error") {
       source.close();
       summary.textContent = message.message;
