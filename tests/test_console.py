@@ -353,3 +353,17 @@ def test_every_control_of_every_page_has_a_name(server, page):
         )
         assert unnamed == [], (path, unnamed)
         assert page.locator("h1").count() == 1, path
+
+
+def test_the_console_works_from_the_keyboard(server, page):
+    page.goto(server.url + "/console")
+    page.keyboard.type(ADMIN_KEY)  # the key field has the focus
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/console/live")
+    for _ in range(10):  # Tab to the Usage link, and follow it
+        page.keyboard.press("Tab")
+        if page.evaluate("() => document.activeElement.textContent") == "Usage":
+            break
+    assert page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle") != "none"  # focus shows
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/console/usage")
