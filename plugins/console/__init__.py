@@ -352,7 +352,10 @@ class ConsolePlugin:
     async def session_stream(self, session_id: str) -> Response:
         principal = self._require()
         found = await self.runtime.find_session(session_id, principal)
-        offset = int(request.args.get("offset", "0") or 0)
+        raw = request.args.get("offset", "0") or "0"
+        if not (raw.isascii() and raw.isdigit()):
+            raise InvalidRequest(f"'offset' must be a number of chunks, got '{raw[:40]}'", param="offset")
+        offset = int(raw)
         source = await self.runtime.follow_session(found, offset)
 
         async def events() -> Any:
