@@ -151,7 +151,8 @@ def create_app(runtime: Runtime) -> QuartTrio:
         chat = ChatRequest.from_openai(await read_json())
         principal = current_principal()
         chat = attrs.evolve(
-            chat, request_id=g.request_id, session_id=new_id("sess_"), identity=principal.identity, team=principal.team, key_id=principal.key_id
+            chat, request_id=g.request_id, session_id=new_id("sess_"), identity=principal.identity, team=principal.team, key_id=principal.key_id,
+            trace_headers=trace_context(request.headers),
         )
         session, admitted = await runtime.start_chat(chat, principal)
         session_id_var.set(session.id)
@@ -221,6 +222,22 @@ def create_app(runtime: Runtime) -> QuartTrio:
             methods=list(route.methods),
         )
     return app
+
+
+def trace_context(headers: Any) -> dict[str, str]:
+    """The W3C trace context of a request's headers (`traceparent`, and
+    `tracestate` with it), when it is well-formed enough to pass on."""
+    parent = headers.get("traceparent", "")
+    if not parent or len(parent) > 128 or not _TRACEPARENT.fullmatch(parent):
+        return {}
+    out = {"traceparent": parent}
+    state = headers.get("tracestate", "")
+    if state and len(state) <= 512 and "\n" not in state and "\r" not in state:
+        out["tracestate"] = state
+    return out
+
+
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
 
 
 def _endpoint(route: Any) -> str:

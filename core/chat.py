@@ -7,7 +7,7 @@ checked; every rule it enforces answers with a 400 naming the offending `param`.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import attrs
 import orjson
@@ -234,6 +234,13 @@ class ChatRequest:
     #: The id of the credential the request came with (an API key's id), or
     #: None (contract 1.2).
     key_id: str | None = None
+    #: The W3C trace context the client sent (`traceparent`, `tracestate`),
+    #: set by the runtime (contract 1.5): what a tracing plugin continues.
+    trace_headers: Mapping[str, str] = attrs.field(factory=dict)
+    #: Headers a provider adds to its upstream request (contract 1.5): set by a
+    #: middleware for the call it makes (a tracing plugin's `traceparent`), sent
+    #: by providers that talk HTTP. Never part of the cache key.
+    upstream_headers: Mapping[str, str] = attrs.field(factory=dict)
 
     @classmethod
     def from_openai(cls, body: Any) -> "ChatRequest":

@@ -45,6 +45,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "responses": "streamvisor.plugins.responses:ResponsesPlugin",
     "webhooks": "streamvisor.plugins.webhooks:WebhooksPlugin",
     "console": "streamvisor.plugins.console:ConsolePlugin",
+    "otel": "streamvisor.plugins.otel:OtelPlugin",
     "usage": "streamvisor.plugins.usage:UsagePlugin",
     "monitor": "streamvisor.plugins.monitor:MonitorPlugin",
     "health": "streamvisor.plugins.health:HealthPlugin",

@@ -288,7 +288,8 @@ class OpenAIUpstream:
         body["stream_options"] = {"include_usage": True}
         deadline = time.monotonic() + upstream.max_stream_seconds
         try:
-            async with self.client.stream("POST", "chat/completions", body=orjson.dumps(body), headers=_JSON) as response:
+            headers = _JSON if not request.upstream_headers else (*_JSON, *request.upstream_headers.items())
+            async with self.client.stream("POST", "chat/completions", body=orjson.dumps(body), headers=headers) as response:
                 if response.status >= 400:
                     raise await self._status_error(response)
                 kind = response.headers.get("content-type", "").split(";")[0].strip().lower()

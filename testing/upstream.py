@@ -130,6 +130,8 @@ class FakeUpstream:
         self.delay = 0.0
         self.posts = 0
         self.seen_auth: list[str | None] = []
+        #: Every POST's headers, names in lower case.
+        self.seen_headers: list[dict[str, str]] = []
         self.seen_bodies: list[Any] = []
         #: Connections open now, and accepted in all.
         self.open_connections = 0
@@ -191,6 +193,7 @@ class FakeUpstream:
                 with outer.lock:
                     outer.posts += 1
                     outer.seen_auth.append(self.headers.get("Authorization"))
+                    outer.seen_headers.append({k.lower(): v for k, v in self.headers.items()})
                     outer.seen_bodies.append(body)
                     self.record.requests.append(body)
                     reply = outer.script.pop(0) if outer.script else None

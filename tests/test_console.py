@@ -357,7 +357,8 @@ def test_every_control_of_every_page_has_a_name(server, page):
 
 def test_the_console_works_from_the_keyboard(server, page):
     page.goto(server.url + "/console")
-    page.keyboard.type(ADMIN_KEY)  # the key field has the focus
+    page.wait_for_function("() => document.activeElement && document.activeElement.id === 'key'")  # autofocus
+    page.keyboard.type(ADMIN_KEY)
     page.keyboard.press("Enter")
     page.wait_for_url("**/console/live")
     for _ in range(10):  # Tab to the Usage link, and follow it
