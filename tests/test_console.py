@@ -368,3 +368,15 @@ def test_the_console_works_from_the_keyboard(server, page):
     assert page.evaluate("() => getComputedStyle(document.activeElement).outlineStyle") != "none"  # focus shows
     page.keyboard.press("Enter")
     page.wait_for_url("**/console/usage")
+
+
+def test_the_sign_in_page_says_when_the_server_has_no_key_to_sign_in_with(monkeypatch):
+    monkeypatch.delenv("STREAMVISOR_ADMIN_KEY")
+    bare = ServerThread(make_config("[plugins.console]\n" + SCRIPTED)).start()
+    try:
+        page = httpx.get(f"{bare.url}/console/login")
+        refused = httpx.post(f"{bare.url}/console/login", data={"key": "anything"})
+    finally:
+        bare.stop()
+    assert "STREAMVISOR_ADMIN_KEY" in page.text and "no key to sign in with" in page.text
+    assert refused.status_code == 401 and "no key to sign in with" in refused.text

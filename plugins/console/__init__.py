@@ -194,8 +194,12 @@ class ConsolePlugin:
     async def index(self) -> Response:
         return redirect("/console/live" if self.principal() is not None else "/console/login")
 
+    def _no_keys(self) -> bool:
+        """Nothing to sign in with: no admin key, and no plugin that authenticates."""
+        return admin_key() is None and not self.runtime.authenticates
+
     async def login_page(self) -> Response:
-        return self._html("Sign in", pages.login(next_path=_safe_next(request.args.get("next"))), None)
+        return self._html("Sign in", pages.login(next_path=_safe_next(request.args.get("next")), no_keys=self._no_keys()), None)
 
     async def login(self) -> Response:
         form = await request.form
@@ -219,7 +223,7 @@ class ConsolePlugin:
         return response
 
     def _refused(self, message: str, target: str) -> Response:
-        text = pages.layout("Sign in", pages.login(message, target), who=None, version=self.version)
+        text = pages.layout("Sign in", pages.login(message, target, no_keys=self._no_keys()), who=None, version=self.version)
         return Response(text, status=401, content_type="text/html; charset=utf-8", headers=_PAGE_HEADERS)
 
     async def logout(self) -> Response:

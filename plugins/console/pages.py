@@ -58,8 +58,13 @@ def layout(
 """
 
 
-def login(error: str | None = None, next_path: str = "/console/live") -> str:
+def login(error: str | None = None, next_path: str = "/console/live", *, no_keys: bool = False) -> str:
     message = f'<p class="error" role="alert">{html.escape(error)}</p>' if error else ""
+    if no_keys:
+        message += (
+            '<p class="error" role="alert">This server has no key to sign in with: start it with '
+            "<code>STREAMVISOR_ADMIN_KEY</code> set (or turn the keys plugin on and create an API key).</p>"
+        )
     return f"""
 <section class="login">
   <h1>Sign in to the console</h1>
