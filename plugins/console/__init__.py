@@ -41,6 +41,7 @@ from streamvisor.hooks import (
     listens_to,
     positive,
     read_json,
+    stored_of,
 )
 
 from . import pages
@@ -329,7 +330,7 @@ class ConsolePlugin:
         else:
             kept = [s for s in self.runtime.sessions.retained() if principal.sees(s.identity, s.team)]
             kept.sort(key=lambda s: (s.created_at, s.id), reverse=True)
-            rows = [_stored(s) for s in kept if query.selects(s.state, s.request.model, s.identity, s.created_at, s.id, s.team)][:HISTORY_PAGE]
+            rows = [stored_of(s) for s in kept if query.selects(s.state, s.request.model, s.identity, s.created_at, s.id, s.team)][:HISTORY_PAGE]
         rows = [r for r in rows if r.finished]
         data = [_history_row(r) for r in rows]
         cursor = f"{rows[-1].created_at!r}|{rows[-1].id}" if len(rows) == HISTORY_PAGE else None
@@ -566,12 +567,6 @@ def _stream(events: Any) -> Response:
     response = Response(events, content_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
     response.timeout = None
     return response
-
-
-def _stored(session: Session) -> StoredSession:
-    from streamvisor.hooks import stored_of
-
-    return stored_of(session)
 
 
 def _history_row(stored: StoredSession) -> dict[str, Any]:

@@ -234,10 +234,8 @@ class Store:
         return await self._run(queries.claim, queue, owner, limit, now, now + lease_seconds, write=True)
 
     async def settle(self, queue: str, item_id: str, owner: str, state: str, data: dict[str, Any], due_at: float | None = None) -> bool:
-        if state not in ("pending", "done", "dead"):
-            raise ValueError(f"an outbox item is settled pending, done or dead, not {state!r}")
-        encoded = orjson.dumps(data).decode()
-        return await self._run(queries.settle, queue, item_id, owner, state, encoded, due_at, time.time(), write=True)
+        (kept,) = await self.settle_many(queue, owner, [(item_id, state, data, due_at)])
+        return kept
 
     async def settle_many(self, queue: str, owner: str, settlements: list[tuple[str, str, dict[str, Any], float | None]]) -> list[bool]:
         for _, state, _, _ in settlements:
