@@ -88,12 +88,13 @@ class Bench:
 
     def load(
         self, port: int, concurrency: int, *, stream: bool = True, watch: dict[str, int] | None = None, headers: dict[str, str] | None = None,
-        path: str | None = None,
+        path: str | None = None, model: str | None = None,
     ) -> dict[str, Any]:
         o = self.o
         args = [
             "--port", str(port),
             *(["--path", path] if path else []),
+            *(["--model", model] if model else []),
             "--concurrency", str(concurrency),
             "--duration", str(o["duration"]),
             "--warmup", str(o["warmup"]),

@@ -241,6 +241,11 @@ class ChatRequest:
     #: middleware for the call it makes (a tracing plugin's `traceparent`), sent
     #: by providers that talk HTTP. Never part of the cache key.
     upstream_headers: Mapping[str, str] = attrs.field(factory=dict)
+    #: The provider this call must go to (contract 1.6): set by a middleware (a
+    #: router choosing among deployments of one model) with `attrs.evolve`;
+    #: `model` is then one of that provider's models. None: whichever provider
+    #: serves `model`. Never set from the client's body.
+    provider: str | None = None
 
     @classmethod
     def from_openai(cls, body: Any) -> "ChatRequest":

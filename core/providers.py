@@ -68,6 +68,8 @@ class ProviderRegistry:
     def __init__(self) -> None:
         self._providers: dict[str, Any] = {}
         self._routes: dict[str, Route] = {}
+        #: Every model of every provider, shadowed ones too, for a pinned call.
+        self._own: dict[str, dict[str, Route]] = {}
 
     def __iter__(self) -> Iterator[Any]:
         return iter(list(self._providers.values()))
@@ -90,8 +92,11 @@ class ProviderRegistry:
     async def refresh(self) -> None:
         """Ask every provider for its models; the first provider to claim a name wins."""
         routes: dict[str, Route] = {}
+        own: dict[str, dict[str, Route]] = {}
         for provider in self._providers.values():
+            mine = own.setdefault(provider.name, {})
             for model in await provider.list_models():
+                mine.setdefault(model.id, Route(provider, model))
                 if model.id in routes:
                     log.warning(
                         "model %r of provider %r is shadowed by provider %r",
@@ -102,12 +107,28 @@ class ProviderRegistry:
                     continue
                 routes[model.id] = Route(provider, model)
         self._routes = routes
+        self._own = own
 
-    def resolve(self, model: str) -> Route:
+    def resolve(self, model: str, provider: str | None = None) -> Route:
+        """Where `model` leads. With `provider` (contract 1.6, a request's
+        pinned provider): that provider's model of that name (its `id`, else
+        its `target`), even when another provider's model shadows the name."""
+        if provider is not None:
+            return self._pinned(model, provider)
         route = self._routes.get(model)
         if route is None:
             known = ", ".join(sorted(self._routes)) or "none are configured"
             raise ModelNotFound(f"The model '{model}' does not exist. Available models: {known}.", param="model")
+        return route
+
+    def _pinned(self, model: str, provider: str) -> Route:
+        mine = self._own.get(provider)
+        if mine is None:
+            raise ModelNotFound(f"No provider is named '{provider}'.", param="model")
+        route = mine.get(model) or next((r for r in mine.values() if r.target == model), None)
+        if route is None:
+            known = ", ".join(sorted(mine)) or "none"
+            raise ModelNotFound(f"Provider '{provider}' does not serve the model '{model}'. Its models: {known}.", param="model")
         return route
 
     def models(self) -> list[ModelInfo]:

@@ -737,9 +737,10 @@ class Runtime:
         """The innermost stream: route by the request's model, at call time.
 
         Middleware sees the model name the client used; one that changes it (a
-        fallback) reaches whichever provider serves the new name.
+        fallback) reaches whichever provider serves the new name, and one that
+        pins `request.provider` (a router) reaches that provider.
         """
-        route = self.providers.resolve(request.model)
+        route = self.providers.resolve(request.model, request.provider)
         if route.target != request.model:
             request = attrs.evolve(request, model=route.target)
         return route.provider.stream(request)

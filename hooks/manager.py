@@ -46,6 +46,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "webhooks": "streamvisor.plugins.webhooks:WebhooksPlugin",
     "console": "streamvisor.plugins.console:ConsolePlugin",
     "otel": "streamvisor.plugins.otel:OtelPlugin",
+    "router": "streamvisor.plugins.router:RouterPlugin",
     "usage": "streamvisor.plugins.usage:UsagePlugin",
     "monitor": "streamvisor.plugins.monitor:MonitorPlugin",
     "health": "streamvisor.plugins.health:HealthPlugin",

@@ -16,7 +16,7 @@ import warnings
 import pluggy
 
 PROJECT = "streamvisor"
-CONTRACT_VERSION = "1.5"
+CONTRACT_VERSION = "1.6"
 
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)

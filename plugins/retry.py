@@ -392,7 +392,7 @@ async def _read_head(stream: AsyncIterator[Delta]) -> tuple[list[Delta], bool]:
 
 class RetryPlugin:
     Settings = Settings
-    streamvisor_contract = "1.5"
+    streamvisor_contract = "1.6"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -505,7 +505,9 @@ class RetryPlugin:
         last: Failure | None = None
         for index, model in enumerate(chain):
             try:
-                provider = self.runtime.providers.resolve(model).provider.name
+                # The first model keeps a pinned provider (a router's deployment);
+                # a fallback goes to whichever provider serves its name.
+                provider = self.runtime.providers.resolve(model, request.provider if index == 0 else None).provider.name
             except APIError:
                 if index == 0:
                     raise  # ModelNotFound: the client's (or an outer middleware's) model
@@ -513,7 +515,7 @@ class RetryPlugin:
                 continue
             if last is not None:
                 self._announce_fallback(session, last, model, provider)
-            attempt_request = request if index == 0 else attrs.evolve(request, model=model)
+            attempt_request = request if index == 0 else attrs.evolve(request, model=model, provider=None)
             outcome = await self._with_retries(attempt_request, call_next, model, provider, session)
             if isinstance(outcome, Opened):
                 if index > 0:

@@ -142,6 +142,9 @@ class FakeUpstream:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # TCP_NODELAY, as model servers set it: without it each small write
+            # after the first waits for the client's delayed ACK (40 ms).
+            disable_nagle_algorithm = True
 
             def log_message(self, *args: Any) -> None:
                 pass

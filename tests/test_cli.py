@@ -72,8 +72,8 @@ def test_plugins_lists_loaded_plugins_with_versions_and_hooks():
     assert re.search(r"^store\s+0\.1\.0\s+built-in\s+1\.5\s+.*register_store", result.stdout, re.M)
     assert re.search(r"^pricing\s+0\.1\.0\s+built-in\s+1\.2\s+.*register_pricing", result.stdout, re.M)
     assert re.search(r"^monitor\s+0\.1\.0\s+built-in\s+1\.0\s+.*on_event.*register_routes", result.stdout, re.M)
-    assert lines[-2] == "disabled in plugins.toml: openai, scripted, keys, cluster, otel"
-    assert lines[-1] == "this streamvisor implements plugin contract 1.5"
+    assert lines[-2] == "disabled in plugins.toml: openai, scripted, router, keys, cluster, otel"
+    assert lines[-1] == "this streamvisor implements plugin contract 1.6"
 
 
 def test_chat_streams_a_completion_to_the_terminal(tmp_path):

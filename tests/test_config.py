@@ -32,7 +32,7 @@ def test_the_repository_default_is_valid_and_serves_the_local_model():
     config = load_config("plugins.toml")
     host = PluginHost.from_config(config)
     assert [p.name for p in host] == ["local", *DEFAULT_STACK]
-    assert [p.name for p in config.plugins if not p.enabled] == ["openai", "scripted", "keys", "cluster", "otel"]
+    assert [p.name for p in config.plugins if not p.enabled] == ["openai", "scripted", "router", "keys", "cluster", "otel"]
 
 
 def test_env_interpolation_with_and_without_defaults(tmp_path):

@@ -461,7 +461,7 @@ class FilesPlugin:
 
     async def _with_files(self, request: ChatRequest, refs: list[Any], call_next: Any) -> AsyncIterator[Delta]:
         assert self.resolver is not None
-        route = self.runtime.providers.resolve(request.model)
+        route = self.runtime.providers.resolve(request.model, request.provider)
         resolved = await self.resolver.resolve(request, refs, route)
         async with aclosing(call_next(resolved)) as stream:
             async for delta in stream:
