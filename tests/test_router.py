@@ -460,3 +460,31 @@ def test_the_p90_of_the_time_to_first_token():
         state.first_token(ms / 1000, Tuning(), now=0.0)
     assert state.percentile(90) == pytest.approx(0.090)
     assert state.percentile(50) == pytest.approx(0.050)
+
+
+def test_hedge_after_p90_uses_the_learned_time_to_first_token(fakes, admin):
+    a, b = fakes
+    a.delay = 0.05
+    toml = upstreams_toml(a=a, b=b) + (
+        "[plugins.router]\nhedge_min_samples = 10\nhedge_burst = 5\n[plugins.router.models.smart]\n"
+        'strategy = "weighted"\nhedge_after = "p90"\n'
+        'deployments = [{ provider = "a", model = "m1", weight = 1 }, { provider = "b", model = "m1", weight = 0 }]\n'
+    )
+    server = serve(toml)
+    try:
+        with server.http() as client:
+            for _ in range(10):  # no samples yet and no hedge_after_ms: no hedging while it learns
+                assert ask(client)[0] == "a/m1"
+            assert router_state(server)["hedging"]["hedged"] == 0
+            p90 = deployment(router_state(server), "smart", "a/m1")["ttft_p90_ms"]
+            assert 50 <= p90 < 150
+            a.queue(Reply(chunks=completion_events("alpha says hello"), delay=2.0))
+            started = time.perf_counter()
+            routed, text = ask(client)
+            took = time.perf_counter() - started
+        assert (routed, text) == ("b/m1", "bravo says hello")
+        assert took < 1.0  # hedged at the p90, not after the 2 s stall
+        state = router_state(server)
+        assert state["hedging"]["hedged"] == 1 and deployment(state, "smart", "b/m1")["hedges"]["won"] == 1
+    finally:
+        server.stop()
