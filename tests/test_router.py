@@ -488,3 +488,22 @@ def test_hedge_after_p90_uses_the_learned_time_to_first_token(fakes, admin):
         assert state["hedging"]["hedged"] == 1 and deployment(state, "smart", "b/m1")["hedges"]["won"] == 1
     finally:
         server.stop()
+
+
+def test_a_retry_fallback_to_a_routed_model_is_routed(fakes, admin):
+    a, b = fakes
+    with FakeUpstream(models=["gone"]) as broken:
+        broken.respond(503, b'{"error": {"message": "down"}}', {"Content-Type": "application/json"})
+        toml = upstreams_toml(a=a, b=b) + (
+            f'[[plugins.openai.upstreams]]\nname = "broken"\nbase_url = "{broken.url}"\nmodels = ["gone"]\n'
+            "[plugins.router]\n[plugins.router.models.smart]\n" + deployments("a", "b")
+            + '[plugins.retry]\nattempts = 1\n[plugins.retry.fallbacks]\ngone = ["smart"]\n'
+        )
+        server = serve(toml)
+        try:
+            with server.http() as client:
+                served = {ask(client, model="gone") for _ in range(6)}
+            assert served <= {("a/m1", "alpha says hello"), ("b/m1", "bravo says hello")} and served
+            assert router_state(server)["models"]["smart"]["requests"] == 6
+        finally:
+            server.stop()

@@ -190,8 +190,11 @@ class Attempt:
 
 
 class RouterProvider:
-    """Lists the routed model names. Calls never reach it: the middleware sends
-    each to a deployment."""
+    """Lists the routed model names. A client's call never reaches it: the
+    middleware sends each to a deployment. A call to a routed name made
+    further in, by a middleware after the router (the retry plugin's fallback
+    to a routed model), does: it is routed here the same way, each deployment's
+    provider called directly."""
 
     name = "router"
 
@@ -207,8 +210,16 @@ class RouterProvider:
         return all(self.plugin.supports_tools(routed) for routed in self.plugin.models.values())
 
     async def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
-        raise InternalError(f"The routed model '{request.model}' reached the router's provider: the router middleware did not run.")
-        yield Delta()  # an async generator, like every provider's stream
+        plugin = self.plugin
+        session = plugin.runtime.sessions.find(request.session_id) if plugin.runtime is not None else None
+        if request.model not in plugin.models or session is None:
+            raise InternalError(f"The routed model '{request.model}' reached the router's provider outside a session.")
+        stream = plugin.middleware(request, plugin.direct, session)
+        try:
+            async for delta in stream:
+                yield delta
+        finally:
+            await _aclose(stream)
 
 
 class RouterPlugin:
@@ -328,6 +339,13 @@ class RouterPlugin:
             if state.cost is None:
                 price = self.runtime.price(spec.model, Usage(500_000, 500_000))
                 state.cost = None if price is None else float(price)
+
+    def direct(self, request: ChatRequest) -> AsyncIterator[Delta]:
+        """A deployment's provider, called as the end of the chain would."""
+        route = self.runtime.providers.resolve(request.model, request.provider)
+        if route.target != request.model:
+            request = attrs.evolve(request, model=route.target)
+        return route.provider.stream(request)
 
     def supports_tools(self, routed: Routed) -> bool:
         providers = self.runtime.providers
