@@ -167,24 +167,24 @@ def test_hedging_cuts_the_tail_closes_every_loser_and_never_mixes_output(fakes, 
         a, b = deployment(state, "smart", "a/m1"), deployment(state, "smart", "b/m1")
         stalled = sum(stalls)
         assert stalled >= 5  # the seed makes enough of them
-        # Every request that met a stall was hedged to b, b won, and a's
+        # Every stall lost its race (a loaded machine may hedge a request that
+        # was merely slow, too), every race had one loser, and every loser's
         # connection was cut at once (the fake saw its client leave mid-wait).
-        assert b["hedges"]["won"] == a["hedges"]["lost"] == stalled
-        assert state["hedging"]["hedged"] == stalled
-        assert stalling.wait_closed(timeout=0) or True
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and sum(1 for r in stalling.connection_log if r.cut) < stalled:
-            time.sleep(0.02)
-        cut = [r for r in stalling.connection_log if r.cut]
-        assert len(cut) == stalled
-        assert all(r.closed is not None for r in cut)
+        lost_a, lost_b = a["hedges"]["lost"], b["hedges"]["lost"]
+        assert lost_a >= stalled
+        assert lost_a + lost_b == state["hedging"]["hedged"] == a["hedges"]["won"] + b["hedges"]["won"]
+        for fake, lost in ((stalling, lost_a), (steady, lost_b)):
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and sum(1 for r in fake.connection_log if r.cut) < lost:
+                time.sleep(0.02)
+            cut = [r for r in fake.connection_log if r.cut]
+            assert len(cut) == lost and all(r.closed is not None for r in cut)
         assert a["in_flight"] == b["in_flight"] == 0
         # What the losers spent is recorded: the winner's prompt (1 token from the fake) each.
-        assert a["hedge_losses"]["prompt_tokens"] == stalled
+        assert a["hedge_losses"]["prompt_tokens"] == lost_a
         store = server.runtime.store
         month = time.strftime("%Y-%m", time.gmtime())
-        recorded = server.run(store.amount, "router:hedge_lost:tokens", "a/m1", month)
-        assert recorded == stalled
+        until(lambda: server.run(store.amount, "router:hedge_lost:tokens", "a/m1", month) == lost_a)
     finally:
         server.stop()
 
