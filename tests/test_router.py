@@ -225,9 +225,11 @@ def test_least_busy_keeps_in_flight_counts_within_one(fakes, admin):
         within = sum(1 for d in samples if d <= 1) / len(samples)
         print(f"{len(samples)} samples, {within:.0%} within 1, largest gap {max(samples)}")
         # Each pick goes to the less busy one; the gap opens only when streams
-        # end on one side between two picks. Weighted random at 32 in flight
-        # would be within 1 in about one sample in seven.
-        assert within >= 0.9 and max(samples) <= 3
+        # end on one side between two picks (more often on a loaded machine,
+        # whose clients come back later). Weighted random at 32 in flight
+        # would be within 1 in about one sample in seven, and 4 or more apart
+        # in about half.
+        assert within >= 0.8 and max(samples) <= 3
         state = router_state(server)["models"]["smart"]["deployments"]
         assert abs(state[0]["requests"] - state[1]["requests"]) <= 8
     finally:
@@ -450,6 +452,20 @@ def test_errors_weigh_on_the_score_and_weight_zero_goes_last():
     assert order("latency", [steady, flaky], tuning, rng, now=0.0)[0][0] is steady
     spare = _state("spare", weight=0.0)
     assert all(order("weighted", [spare, steady], tuning, rng)[0][0] is steady for _ in range(50))
+
+
+def test_least_busy_picks_the_deployment_with_fewest_streams():
+    from streamvisor.plugins.router.state import Tuning, order
+
+    states = [_state(name) for name in "abc"]
+    rng = random.Random(4)
+    for _ in range(300):  # streams start (a pick) and end (at random)
+        first = order("least_busy", states, Tuning(), rng)[0][0]
+        assert first.in_flight == min(s.in_flight for s in states)
+        first.in_flight += 1
+        if rng.random() < 0.45:
+            busy = [s for s in states if s.in_flight]
+            rng.choice(busy).in_flight -= 1
 
 
 def test_the_p90_of_the_time_to_first_token():
