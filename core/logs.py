@@ -1,7 +1,9 @@
-"""Logging with the request id and session id on every line.
+"""Logging with the request id and session id on every line, and the fields
+plugins add (`add_log_fields`: the otel plugin's trace and span ids).
 
 The ids live in context variables: trio copies the context into tasks it spawns,
-so a session actor started from a request handler logs with that request's id.
+so a session actor started from a request handler logs with that request's id
+(and sets its own session's id).
 
 A log message is one line whatever it quotes: control characters in the message
 and in the ids (a client's percent-encoded CR/LF in a path, an upstream's error
@@ -16,7 +18,9 @@ import contextlib
 import contextvars
 import logging
 import re
-from typing import Any, Iterator
+import threading
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping
 
 import orjson
 
@@ -72,7 +76,60 @@ def _record_with_ids(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record.__class__ = _one_line_classes[cls]
     record.request_id = one_line(request_id_var.get())
     record.session_id = one_line(session_id_var.get())
+    if _field_sources:
+        _add_fields(record)
+    else:
+        record.log_fields = _NO_FIELDS
+        record.log_fields_text = ""
     return record
+
+
+#: What `add_log_fields` registered, called for every record. A tuple, swapped
+#: whole: the factory reads it without a lock, from any thread.
+_field_sources: tuple[Callable[[logging.LogRecord], Mapping[str, Any] | None], ...] = ()
+_field_sources_lock = threading.Lock()
+_NO_FIELDS: Mapping[str, str] = MappingProxyType({})
+
+
+def _add_fields(record: logging.LogRecord) -> None:
+    fields: dict[str, str] = {}
+    for source in _field_sources:
+        try:
+            more = source(record)
+        except Exception:
+            # Logging from here would come back here: a failing source adds nothing.
+            continue
+        if more:
+            for name, value in more.items():
+                key = one_line(str(name))
+                if value is not None and key not in fields:
+                    fields[key] = one_line(str(value))
+    record.log_fields = fields or _NO_FIELDS
+    record.log_fields_text = "".join(f" {name}={value}" for name, value in fields.items())
+
+
+def add_log_fields(source: Callable[[logging.LogRecord], Mapping[str, Any] | None]) -> Callable[[], None]:
+    """Add fields to every log line, such as a trace id: `source(record)` is
+    called as each record is made, in the thread that logs (the record has its
+    `request_id` and `session_id` already), and returns a mapping of field
+    names to values, or None for a line it has nothing to add to. The console
+    format writes them as `name=value` after the session id, the JSON lines as
+    keys; a record keeps them in `record.log_fields`. Of two sources giving a
+    field, the first registered wins; one that raises adds nothing. The source
+    runs for every line of the process, so it must be quick and must not log.
+
+    Returns the function that removes the source again (call it at shutdown).
+    With no source registered a line costs nothing more."""
+    global _field_sources
+    with _field_sources_lock:
+        _field_sources = (*_field_sources, source)
+
+    def remove() -> None:
+        global _field_sources
+        with _field_sources_lock:
+            _field_sources = tuple(s for s in _field_sources if s is not source)
+
+    return remove
 
 
 # Every record, from any logger and any handler, carries the ids.
@@ -105,12 +162,16 @@ class JSONLinesFormatter(logging.Formatter):
             "request_id": getattr(record, "request_id", "-"),
             "session_id": getattr(record, "session_id", "-"),
         }
+        for name, value in getattr(record, "log_fields", _NO_FIELDS).items():
+            entry.setdefault(name, value)
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(entry).decode()
 
 
-CONSOLE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s request_id=%(request_id)s session_id=%(session_id)s %(message)s"
+#: The console line; `log_fields_text` is empty unless a plugin adds fields
+#: (" trace_id=... span_id=...").
+CONSOLE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s request_id=%(request_id)s session_id=%(session_id)s%(log_fields_text)s %(message)s"
 
 
 def configure(level: str = "info", format: str = "console") -> None:

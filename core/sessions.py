@@ -36,6 +36,7 @@ from .chat import ChatRequest, Delta, Usage
 from .errors import APIError, InternalError, NotFound
 from .events import TERMINAL_TYPES, EventDispatcher, Outcome
 from .faults import PluginFaults
+from .logs import session_id_var
 
 log = logging.getLogger("streamvisor.sessions")
 
@@ -414,6 +415,9 @@ class SessionActor:
 
     async def run(self) -> None:
         session = self.session
+        # This task's own context (a copy of its opener's, with the request id):
+        # what the actor, the middleware and the provider log carries the session.
+        session_id_var.set(session.id)
         try:
             with session.scope:
                 session.state = "running"

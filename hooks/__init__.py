@@ -33,7 +33,7 @@ from streamvisor.core.errors import (
 )
 from streamvisor.core.events import TERMINAL_TYPES, Event, EventType, ListenerStats, Outcome
 from streamvisor.core.health import Health
-from streamvisor.core.logs import log_context
+from streamvisor.core.logs import add_log_fields, log_context
 from streamvisor.core.redis import Connection as RedisConnection
 from streamvisor.core.redis import RedisError, RespClient
 from streamvisor.core.redis import Script as RedisScript
@@ -128,6 +128,7 @@ __all__ = [
     "Health",
     "Labelled",
     "log_context",
+    "add_log_fields",
     # settings
     "ConfigError",
     "positive",
