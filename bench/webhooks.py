@@ -20,21 +20,17 @@ its end a session's event reached the receiver (p50, p99).
 
 from __future__ import annotations
 
-import argparse
 import http.server
 import json
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from . import servers
-from .report import RESULTS, Paired
-from .scenarios import Bench
-from .system import machine, source_state
+from . import paired, servers
+from .report import Paired
 
 SECRET = "whsec_" + "YmVuY2htYXJrLXNlY3JldC1vZi0yNC1ieXRlcw=="
 
@@ -101,66 +97,41 @@ def sessions_of(port: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.webhooks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--warmup", type=float, default=1.5)
-    parser.add_argument("--concurrency", default="1,32")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    levels = [int(c) for c in args.concurrency.split(",")]
-    options = {"duration": args.duration, "warmup": args.warmup, "concurrency": levels, "rounds": args.rounds}
-
-    def progress(text: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
+    args = paired.arguments("python -m bench.webhooks", __doc__).parse_args(argv)
     receiver = Receiver()
-    rounds: dict[str, list[dict[int, dict[str, Any]]]] = {"quiet": [], "announcing": []}
     deliveries: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="streamvisor-bench-webhooks-") as folder:
-        workdir = Path(folder)
-        bench = Bench(options, workdir, progress)
-        try:
-            for round_ in range(1, args.rounds + 1):
-                for name in rounds:
-                    upstream = bench.upstream()
-                    text = config(upstream.port, workdir, f"{name}-{round_}", receiver if name == "announcing" else None)
-                    server = bench.track(servers.start_streamvisor(workdir, text, name=f"webhooks-{name}"))
-                    receiver.reset()
-                    figures: dict[int, dict[str, Any]] = {}
-                    try:
-                        for level in levels:
-                            progress(f"round {round_} of {args.rounds}: {name}, concurrency {level}")
-                            run = bench.load(server.port, level, watch={"server": server.pid, "upstream": upstream.pid})
-                            figures[level] = {
-                                "rps": run["rps"],
-                                "cpu_ms": run["cpu"]["server"] / run["rps"] * 1000 if run["rps"] else float("nan"),
-                                "p50_ms": run["latency_ms"]["p50"],
-                            }
-                        if name == "announcing":
-                            # Every session that completed must arrive, once.
-                            deadline = time.monotonic() + 60
-                            while True:
-                                total = sessions_of(server.port)
-                                with receiver.lock:
-                                    got = len(receiver.ids)
-                                if got >= total or time.monotonic() > deadline:
-                                    break
-                                time.sleep(0.2)
-                            with receiver.lock:
-                                lags = sorted(receiver.lags)
-                                twice = sum(1 for n in receiver.ids.values() if n > 1)
-                            deliveries.append({
-                                "sessions": total, "delivered": got, "duplicates": twice,
-                                "lag_p50_ms": lags[len(lags) // 2] * 1000 if lags else None,
-                                "lag_p99_ms": lags[min(len(lags) - 1, int(len(lags) * 0.99))] * 1000 if lags else None,
-                            })
-                    finally:
-                        bench.stop(server)
-                    rounds[name].append(figures)
-        finally:
-            bench.stop_all()
-    print("\n" + Paired(rounds, levels, base="quiet").tables("webhooks"))
+
+    def variants(workdir: Path) -> dict[str, Any]:
+        def config_of(name: str) -> Any:
+            return lambda port, round_: config(port, workdir, f"{name}-{round_}", receiver if name == "announcing" else None)
+
+        return {name: config_of(name) for name in ("quiet", "announcing")}
+
+    def after(variant: str, server: servers.Proc) -> None:
+        if variant != "announcing":
+            receiver.reset()
+            return
+        # Every session that completed must arrive, once.
+        deadline = time.monotonic() + 60
+        while True:
+            total = sessions_of(server.port)
+            with receiver.lock:
+                got = len(receiver.ids)
+            if got >= total or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        with receiver.lock:
+            lags = sorted(receiver.lags)
+            twice = sum(1 for n in receiver.ids.values() if n > 1)
+        receiver.reset()
+        deliveries.append({
+            "sessions": total, "delivered": got, "duplicates": twice,
+            "lag_p50_ms": lags[len(lags) // 2] * 1000 if lags else None,
+            "lag_p99_ms": lags[min(len(lags) - 1, int(len(lags) * 0.99))] * 1000 if lags else None,
+        })
+
+    rounds = paired.run(args, "webhooks", variants, after)
+    print("\n" + Paired(rounds, paired.options(args)["concurrency"], base="quiet").tables("webhooks"))
     print("\nDeliveries (announcing, per round): " + "; ".join(
         f"{d['delivered']}/{d['sessions']} delivered, {d['duplicates']} twice, lag p50 {d['lag_p50_ms']:.0f} ms p99 {d['lag_p99_ms']:.0f} ms"
         for d in deliveries if d["lag_p50_ms"] is not None))
@@ -169,12 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     lost = any(d["delivered"] < d["sessions"] for d in deliveries)
     if lost:
         print("WARNING: some sessions were not delivered within 60 s")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    out = args.results_dir / f"webhooks-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"machine": machine(), "source": source_state(servers.ROOT), "options": options,
-                               "rounds": {n: [{str(k): v for k, v in r.items()} for r in runs] for n, runs in rounds.items()},
-                               "deliveries": deliveries}, indent=2))
-    print(f"\nJSON: {out}")
+    print(f"\nJSON: {paired.save(args, 'webhooks', rounds, deliveries=deliveries)}")
     return 1 if lost else 0
 
 
