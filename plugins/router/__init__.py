@@ -515,7 +515,8 @@ class RouterPlugin:
         failure: BaseException | None = None
 
         def start(state: DeploymentState, hedge: bool = False) -> None:
-            assert self._nursery is not None
+            if self._nursery is None:  # the service is restarting
+                raise Overloaded("The router is restarting; retry shortly.", headers={"Retry-After": "1"})
             attempt = Attempt(state, _pinned(request, state), time.monotonic(), hedge)
             attempts.append(attempt)
             running.append(attempt)
@@ -607,10 +608,9 @@ class RouterPlugin:
                 # Still running: a loser, or (the session ended early) any attempt.
                 attempt.abandoned = attempt.abandoned or attempt is not winner
                 attempt.scope.cancel()
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(CLOSE_GRACE):
-                    for attempt in attempts:
-                        await attempt.done.wait()
+            with _bounded_shield():
+                for attempt in attempts:
+                    await attempt.done.wait()
             try:
                 self._settle_losses(routed, session, request, attempts, winner)
             except Exception:
@@ -628,7 +628,7 @@ class RouterPlugin:
                     async for delta in stream:
                         await send.send((attempt, delta))
                 finally:
-                    with trio.CancelScope(shield=True):
+                    with _bounded_shield():
                         await _aclose(stream)
                 attempt.completed = True
         except Exception as exc:
@@ -637,7 +637,11 @@ class RouterPlugin:
                 self._failed(attempt.state, attempt.error)
         finally:
             attempt.state.in_flight -= 1
-            with trio.CancelScope(shield=True):
+            # The session waits for this word before a winner is known (it is
+            # reading then); after, it reads on as its client does, or has
+            # closed the channel. Bounded all the same: a task never outlives
+            # its session by more than the grace.
+            with _bounded_shield():
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                     await send.send((attempt, _END))
             attempt.done.set()
@@ -821,6 +825,12 @@ async def _aclose(stream: Any) -> None:
     close = getattr(stream, "aclose", None)
     if close is not None:
         await close()
+
+
+def _bounded_shield() -> trio.CancelScope:
+    """A shield for clean-up that must not be cut by the cancellation that
+    caused it, for at most `CLOSE_GRACE` seconds."""
+    return trio.CancelScope(shield=True, deadline=trio.current_time() + CLOSE_GRACE)
 
 
 async def _failing(error: APIError) -> AsyncIterator[Delta]:
