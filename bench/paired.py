@@ -1,4 +1,4 @@
-"""The frame of a paired benchmark (`bench.otel`, `bench.webhooks`).
+"""The frame of a paired benchmark (`bench.otel`, `bench.webhooks`, `bench.router`).
 
 Owns: their command line (rounds, duration, warm-up, concurrency levels, the
 results folder), the rounds in which every variant runs alternately on a
@@ -50,11 +50,13 @@ def run(
     name: str,
     variants: Callable[[Path], dict[str, Callable[[int, int], str]]],
     after: Callable[[str, servers.Proc], None] | None = None,
+    models: dict[str, str] | None = None,
 ) -> Rounds:
     """Every variant once per round, in order, each on a fresh server.
     `variants(workdir)` gives, per variant, the plugins.toml text for an
     upstream port and a round; `after(variant, server)` runs once the loads
-    of a variant are done, before its server stops."""
+    of a variant are done, before its server stops; `models` names the model
+    a variant's requests ask for (the fake upstream's "bench" otherwise)."""
     opts = options(args)
     with tempfile.TemporaryDirectory(prefix=f"streamvisor-bench-{name}-") as folder:
         workdir = Path(folder)
@@ -70,7 +72,9 @@ def run(
                     try:
                         for level in opts["concurrency"]:
                             progress(f"round {round_} of {args.rounds}: {variant}, concurrency {level}")
-                            load = bench.load(server.port, level, watch={"server": server.pid, "upstream": upstream.pid})
+                            load = bench.load(
+                                server.port, level, watch={"server": server.pid, "upstream": upstream.pid}, model=(models or {}).get(variant)
+                            )
                             figures[level] = {
                                 "rps": load["rps"],
                                 "cpu_ms": load["cpu"]["server"] / load["rps"] * 1000 if load["rps"] else float("nan"),

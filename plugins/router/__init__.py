@@ -11,21 +11,23 @@ in plugins.toml: retries and circuit breakers then act per deployment, and a
 deployment whose circuit is open (a 503 `circuit_open`) leaves the rotation for
 the circuit's cooldown.
 
-A call without hedging runs in the session's own task: the chosen deployment,
-then, when it fails before its first token, the next one (`router.failover`).
-With hedging (`hedge_after_ms`, or `hedge_after = "p90"`), each attempt runs in
-a task of the plugin's `hedges` service and hands its deltas to the session
-over a bounded channel: the first attempt's, and after the hedge delay with no
-first token, the next-best deployment's. The first to produce a token wins; the
-other is cancelled at once, which closes its upstream connection. Only the
-winner's deltas leave the middleware. The session's generator never holds a
-nursery or a cancel scope across a `yield`, so nothing the plugin does can
-cancel the code that reads it.
+A call runs in the session's own task: the chosen deployment, then, when it
+fails before its first token, the next one (`router.failover`). With hedging
+(`hedge_after_ms`, or `hedge_after = "p90"`), the plugin's `hedges` service
+keeps one timer for every hedged request and, when a request's time comes with
+no first token, calls the next-best deployment in a task of its own. The first
+call to produce a token wins; the other is cancelled at once, which closes its
+upstream connection. Only the winner's deltas leave the middleware (a winning
+hedge's over a bounded channel). The session's generator never holds a nursery
+or a cancel scope across a `yield`, so nothing the plugin does can cancel the
+code that reads it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
+import itertools
 import logging
 import math
 import random
@@ -54,6 +56,7 @@ from streamvisor.hooks import (
     hookimpl,
     json_response,
     listens_to,
+    log_context,
     message_text,
     not_negative,
     positive,
@@ -74,6 +77,8 @@ CHANNEL = 32
 HEAD_LIMIT = 64
 #: How long the session waits, when it ends, for its attempts to close.
 CLOSE_GRACE = 5.0
+#: Past this many waiting hedge timers, those of ended requests are dropped.
+TIMERS_COMPACT = 10_000
 #: The store's amounts of what lost hedges spent, by deployment and month.
 LOST_KIND = "router:hedge_lost"
 
@@ -173,20 +178,47 @@ class Routed:
 
 @attrs.define(eq=False)
 class Attempt:
-    """One call to one deployment that runs in a task of the `hedges` service."""
+    """One call of a hedged request to one deployment."""
 
     state: DeploymentState
     request: ChatRequest
     started: float
     hedge: bool = False
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    done: trio.Event = attrs.field(factory=trio.Event)
-    head: list[Delta] = attrs.field(factory=list)
     usage: Usage | None = None
     completed: bool = False
     error: BaseException | None = None
-    #: Ended by the session (it lost, or the session ended), not by a failure.
+    #: Ended because the other call won, not by a failure.
     abandoned: bool = False
+
+
+@attrs.define(eq=False)
+class Race:
+    """What a hedged request's session task and its hedge's task share. Both
+    run on one trio thread: a check of `winner` and the claim that follows it
+    have no await between them, so exactly one call wins."""
+
+    primary: Attempt
+    routed: Routed
+    call_next: Callable[[ChatRequest], AsyncIterator[Delta]]
+    session: Session
+    candidates: list[DeploymentState]
+    delay: float
+    #: Around the session task's wait for the first call's first token: the
+    #: hedge's win cancels it.
+    primary_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    #: Around the hedge's task: the first call's win, or the session's end, cancels it.
+    hedge_scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    #: The hedge's task has ended.
+    done: trio.Event = attrs.field(factory=trio.Event)
+    hedge: Attempt | None = None
+    winner: Attempt | None = None
+    primary_failed: bool = False
+    #: The session is past needing a hedge (it has a winner, failed over or ended).
+    closed: bool = False
+    #: The hedge's task was started (by the timer), and its channel to the session.
+    spawned: bool = False
+    send: Any = None
+    receive: Any = None
 
 
 class RouterProvider:
@@ -245,6 +277,10 @@ class RouterPlugin:
         self.runtime: Any = None
         self._nursery: trio.Nursery | None = None
         self._hedge_budget = float(settings.hedge_burst)
+        #: (hedge time, order, race): the hedged requests waiting for their hedge time.
+        self._timers: list[tuple[float, int, Race]] = []
+        self._order = itertools.count()
+        self._wake = trio.Event()
         self.routed = 0
         self.hedged = 0
         self.failovers = 0
@@ -314,13 +350,38 @@ class RouterPlugin:
             await store.add_amount(LOST_KIND + ":cost_usd", str(data["loser"]), month, float(data["cost_usd"]))
 
     async def _hedges(self) -> None:
-        """The service that owns every hedged attempt's task."""
+        """The service that owns every hedge's task, and the one timer of all
+        hedged requests: a heap of their hedge times. A request costs a push
+        onto it, not a task of its own; a hedge's task starts only when its
+        time comes with no first token."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                await trio.sleep_forever()
+                timers = self._timers
+                while True:
+                    now = trio.current_time()
+                    while timers and timers[0][0] <= now:
+                        race = heapq.heappop(timers)[2]
+                        if not race.closed and race.winner is None:
+                            race.spawned = True
+                            race.send, race.receive = trio.open_memory_channel(CHANNEL)
+                            nursery.start_soon(self._hedge, race, name=f"router:hedge:{race.routed.name}")
+                    self._wake = trio.Event()
+                    with trio.move_on_at(timers[0][0] if timers else math.inf):
+                        await self._wake.wait()
         finally:
             self._nursery = None
+
+    def _schedule(self, race: Race, at: float) -> None:
+        timers = self._timers
+        if len(timers) >= TIMERS_COMPACT:
+            # Requests that ended long before their hedge time would have
+            # come: dropped at once rather than when it comes.
+            timers[:] = [t for t in timers if not t[2].closed]
+            heapq.heapify(timers)
+        heapq.heappush(timers, (at, next(self._order), race))
+        if timers[0][2] is race:
+            self._wake.set()
 
     # -- choosing ------------------------------------------------------------------------
 
@@ -380,7 +441,7 @@ class RouterPlugin:
         if delay is None or self._nursery is None:
             return self._serve(routed, request, call_next, session, candidates, usable[0])
         self._hedge_budget = min(float(self.settings.hedge_burst), self._hedge_budget + self.settings.hedge_max_share)
-        return self._race(routed, request, call_next, session, candidates, usable[0], delay)
+        return self._hedged(routed, request, call_next, session, candidates, usable[0], delay)
 
     def _no_room(self, routed: Routed, candidates: list[DeploymentState]) -> APIError:
         if not candidates:
@@ -418,13 +479,15 @@ class RouterPlugin:
         session: Session,
         candidates: list[DeploymentState],
         first: DeploymentState,
+        tried: list[DeploymentState] | None = None,
+        failure: BaseException | None = None,
     ) -> AsyncIterator[Delta]:
         """The deployments in turn until one reaches its first token, in the
-        session's own task; each later one is a failover."""
+        session's own task; each later one is a failover (so is `first` when
+        `tried` holds deployments that failed already)."""
         tuning = self.tuning
-        tried: list[DeploymentState] = []
+        tried = list(tried or ())
         state: DeploymentState | None = first
-        failure: BaseException | None = None
         while state is not None:
             if tried:
                 self._announce_failover(routed, session, tried[-1], state, failure)
@@ -435,21 +498,11 @@ class RouterPlugin:
             stream: Any = None
             answered = False
             try:
-                head: list[Delta] = []
-                exhausted = False
                 try:
                     # Inside the try: the chain's end raises at once for a
                     # model its provider does not serve.
                     stream = call_next(_pinned(request, state))
-                    while True:
-                        try:
-                            delta = await stream.__anext__()
-                        except StopAsyncIteration:
-                            exhausted = True
-                            break
-                        head.append(delta)
-                        if delta.visible or len(head) >= HEAD_LIMIT:
-                            break
+                    head, exhausted = await _read_head(stream)
                 except Exception as exc:
                     failure = unwrap(exc)
                     self._failed(state, failure)
@@ -493,7 +546,7 @@ class RouterPlugin:
 
     # -- hedged ------------------------------------------------------------------------------
 
-    async def _race(
+    async def _hedged(
         self,
         routed: Routed,
         request: ChatRequest,
@@ -503,180 +556,208 @@ class RouterPlugin:
         first: DeploymentState,
         delay: float,
     ) -> AsyncIterator[Delta]:
-        """Attempts in tasks of the `hedges` service, the first to a token wins."""
-        send, receive = trio.open_memory_channel(CHANNEL)
-        attempts: list[Attempt] = []
-        tried: list[DeploymentState] = []
-        running: list[Attempt] = []
-        winner: Attempt | None = None
-        hedge_at: float | None = trio.current_time() + delay  # trio's clock: move_on_at reads it
-        hedged = False
-        ended = False  # the winner's _END was taken
+        """The first deployment in the session's own task, as `_serve` does;
+        a task of the `hedges` service waits out the delay and, with no first
+        token by then, calls the next-best deployment. Whichever reaches a
+        token first wins: the hedge's win cancels the first call's wait (a
+        cancel scope around reading its head, never around a `yield`), the
+        first call's win cancels the hedge's task. Only a hedge that wins
+        passes its deltas over the channel."""
+        tuning = self.tuning
+        race = Race(Attempt(first, _pinned(request, first), time.monotonic()), routed, call_next, session, candidates, delay)
+        primary = race.primary
+        first.in_flight += 1
+        first.requests += 1
+        self._schedule(race, trio.current_time() + delay)
+        stream: Any = None
         failure: BaseException | None = None
-
-        def start(state: DeploymentState, hedge: bool = False) -> None:
-            if self._nursery is None:  # the service is restarting
-                raise Overloaded("The router is restarting; retry shortly.", headers={"Retry-After": "1"})
-            attempt = Attempt(state, _pinned(request, state), time.monotonic(), hedge)
-            attempts.append(attempt)
-            running.append(attempt)
-            tried.append(state)
-            state.in_flight += 1
-            state.requests += 1
-            self._nursery.start_soon(self._attempt, attempt, call_next, send, name=f"router:{state.name}")
-
+        open_ = True
         try:
-            start(first)
-            while winner is None:
-                attempt: Attempt | None = None
-                if hedge_at is not None:
-                    with trio.move_on_at(hedge_at):
-                        attempt, item = await receive.receive()
-                    if attempt is None:
-                        hedge_at, hedged = None, True  # at most one hedge per request
-                        second = self._next(candidates, tried)
-                        if second is not None and self._take_hedge():
-                            self.hedged += 1
-                            second.hedges_started += 1
-                            session.emit("router.hedge", model=routed.name, deployment=first.name, hedge=second.name, after_ms=round(delay * 1000, 1))
-                            start(second, hedge=True)
-                        continue
-                else:
-                    attempt, item = await receive.receive()
-                if attempt not in running:
-                    continue  # a loser's last words
-                if item is not _END:
-                    if item.usage is not None:
-                        attempt.usage = item.usage
-                    attempt.head.append(item)
-                    if item.visible or len(attempt.head) >= HEAD_LIMIT:
-                        winner = attempt
-                    continue
-                if attempt.completed:
-                    winner, ended = attempt, True  # it ended without a visible delta: an empty answer
-                    continue
-                running.remove(attempt)
-                failure = attempt.error or UpstreamError(f"The call to deployment '{attempt.state.name}' was cancelled.")
-                if running:
-                    continue  # the other attempt may still answer
-                following = self._next(candidates, tried) if routed.spec.failover and _fails_over(failure) else None
-                if following is None:
-                    raise failure
-                self._announce_failover(routed, session, attempt.state, following, failure)
-                start(following)
-                if not hedged:
-                    hedge_at = trio.current_time() + delay  # the hedge clock starts again with the new first attempt
-                    first = following
-
-            now = time.monotonic()
-            winner.state.first_token(now - winner.started, self.tuning, now)
-            winner.state.answered(self.tuning, now)
-            for loser in running:
-                if loser is not winner:
-                    loser.abandoned = True
-                    loser.scope.cancel()
-                    loser.state.waited(now - loser.started, self.tuning, now)
-            if len(attempts) > 1 and any(a.hedge for a in attempts):
-                winner.state.hedges_won += 1
-                for loser in attempts:
-                    if loser is not winner and loser.abandoned:
-                        loser.state.hedges_lost += 1
-            session.set_header("X-Routed-To", winner.state.name)
-            for delta in winner.head:
-                yield delta
-            first_token = now
-            visible = sum(1 for d in winner.head if d.content)
-            while not ended:
-                attempt, item = await receive.receive()
-                if attempt is not winner:
-                    continue
-                if item is _END:
-                    break
-                if item.usage is not None:
-                    winner.usage = item.usage
-                if item.content:
-                    visible += 1
-                yield item
-            if not winner.completed:
-                error = winner.error or UpstreamError(f"The call to deployment '{winner.state.name}' was cancelled.")
-                raise error
-            now = time.monotonic()
-            winner.state.finished(winner.usage.completion_tokens if winner.usage is not None else visible, now - first_token, self.tuning, now)
-        finally:
-            receive.close()
-            for attempt in running:
-                # Still running: a loser, or (the session ended early) any attempt.
-                attempt.abandoned = attempt.abandoned or attempt is not winner
-                attempt.scope.cancel()
-            with _bounded_shield():
-                for attempt in attempts:
-                    await attempt.done.wait()
+            head: list[Delta] = []
+            exhausted = False
             try:
-                self._settle_losses(routed, session, request, attempts, winner)
+                with race.primary_scope:
+                    stream = call_next(primary.request)
+                    head, exhausted = await _read_head(stream)
+            except Exception as exc:
+                failure = unwrap(exc)
+            if failure is None and not race.primary_scope.cancelled_caught and race.winner is None:
+                # The first call won (or no hedge was needed): on in this task.
+                race.winner = primary
+                race.closed = True
+                race.hedge_scope.cancel()
+                now = time.monotonic()
+                first.first_token(now - primary.started, tuning, now)
+                first.answered(tuning, now)
+                if race.hedge is not None and race.hedge.error is None:
+                    self._hedge_settled(race, primary, race.hedge, now)
+                session.set_header("X-Routed-To", first.name)
+                usage: Usage | None = None
+                visible = 0
+                try:
+                    for delta in head:
+                        if delta.usage is not None:
+                            usage = delta.usage
+                        if delta.content:
+                            visible += 1
+                        yield delta
+                    if not exhausted:
+                        async for delta in stream:
+                            if delta.usage is not None:
+                                usage = delta.usage
+                            if delta.content:
+                                visible += 1
+                            yield delta
+                except Exception as exc:
+                    self._failed(first, unwrap(exc))
+                    raise
+                primary.usage = usage
+                done = time.monotonic()
+                first.finished(usage.completion_tokens if usage is not None else visible, done - now, tuning, done)
+                return
+            # The first call failed, or lost to the hedge: it is closed now.
+            primary.usage = next((d.usage for d in reversed(head) if d.usage is not None), None)
+            open_ = False
+            first.in_flight -= 1
+            await _aclose(stream)
+            if failure is not None:
+                race.primary_failed = True
+                self._failed(first, failure)
+                if not (routed.spec.failover and _fails_over(failure)):
+                    raise failure  # the request's own fault: a hedge would fail alike
+                if race.hedge is None:
+                    race.closed = True  # not hedged yet: fail over as `_serve` does
+                    race.hedge_scope.cancel()
+            tried = [first]
+            hedge = race.hedge
+            if hedge is not None:
+                # The hedge won, or is the request's chance now: its deltas.
+                tried.append(hedge.state)
+                while True:
+                    _, item = await race.receive.receive()
+                    if item is _END:
+                        break
+                    yield item
+                if race.winner is hedge:
+                    if hedge.completed:
+                        return
+                    # Past its first token: the client has output, nothing fails over.
+                    raise hedge.error or UpstreamError(f"The call to deployment '{hedge.state.name}' was cancelled.")
+                failure = hedge.error or failure
+            following = self._next(candidates, tried) if routed.spec.failover and failure is not None and _fails_over(failure) else None
+            if following is None:
+                raise failure or UpstreamError(f"The calls to the deployments of '{routed.name}' were cancelled.")
+            async for delta in self._serve(routed, request, call_next, session, candidates, following, tried, failure):
+                yield delta
+        finally:
+            race.closed = True
+            race.hedge_scope.cancel()
+            if open_:
+                first.in_flight -= 1
+                await _aclose(stream)
+            if race.spawned:
+                race.receive.close()
+                with _bounded_shield():
+                    await race.done.wait()
+            try:
+                self._settle_losses(routed, session, request, race)
             except Exception:
                 log.exception("router: recording what a lost hedge spent failed")
 
-    async def _attempt(self, attempt: Attempt, call_next: Callable[[ChatRequest], AsyncIterator[Delta]], send: trio.MemorySendChannel) -> None:
-        """One hedged attempt, in the `hedges` service: its deltas to the session,
-        then `_END`. A failure is kept on the attempt, never raised into the
-        service; cancellation passes through after the last word is sent."""
+    async def _hedge(self, race: Race) -> None:
+        """A hedged request's second call, in a task of the `hedges` service,
+        started by its timer. A failure is kept on the attempt, never raised
+        into the service; cancellation (the first call won, the session
+        ended) passes through after the last word."""
+        routed, session, send = race.routed, race.session, race.send
+        hedge: Attempt | None = None
         stream: Any = None
         try:
-            with attempt.scope:
-                stream = call_next(attempt.request)
+            with race.hedge_scope, log_context(session.request_id, session.id):
+                second = self._next(race.candidates, [race.primary.state])
+                if second is None or race.winner is not None or not self._take_hedge():
+                    return
+                hedge = race.hedge = Attempt(second, _pinned(race.primary.request, second), time.monotonic(), hedge=True)
+                self.hedged += 1
+                second.hedges_started += 1
+                second.in_flight += 1
+                second.requests += 1
+                session.emit("router.hedge", model=routed.name, deployment=race.primary.state.name, hedge=second.name, after_ms=round(race.delay * 1000, 1))
                 try:
-                    async for delta in stream:
-                        await send.send((attempt, delta))
+                    stream = race.call_next(hedge.request)
+                    head, exhausted = await _read_head(stream)
+                    hedge.usage = next((d.usage for d in reversed(head) if d.usage is not None), None)
+                    if race.winner is not None:
+                        return
+                    race.winner = hedge
+                    race.primary_scope.cancel()
+                    won = time.monotonic()
+                    second.first_token(won - hedge.started, self.tuning, won)
+                    second.answered(self.tuning, won)
+                    if not race.primary_failed:
+                        self._hedge_settled(race, hedge, race.primary, won)
+                    session.set_header("X-Routed-To", second.name)
+                    for delta in head:
+                        await send.send((hedge, delta))
+                    if not exhausted:
+                        async for delta in stream:
+                            if delta.usage is not None:
+                                hedge.usage = delta.usage
+                            await send.send((hedge, delta))
+                    hedge.completed = True
+                    end = time.monotonic()
+                    usage = hedge.usage
+                    second.finished(usage.completion_tokens if usage is not None else 0, end - won, self.tuning, end)
+                except Exception as exc:
+                    hedge.error = unwrap(exc)
+                    if race.winner is not race.primary:
+                        self._failed(second, hedge.error)
                 finally:
+                    second.in_flight -= 1
                     with _bounded_shield():
                         await _aclose(stream)
-                attempt.completed = True
-        except Exception as exc:
-            attempt.error = unwrap(exc)
-            if not attempt.abandoned:
-                self._failed(attempt.state, attempt.error)
         finally:
-            attempt.state.in_flight -= 1
-            # The session waits for this word before a winner is known (it is
-            # reading then); after, it reads on as its client does, or has
-            # closed the channel. Bounded all the same: a task never outlives
-            # its session by more than the grace.
             with _bounded_shield():
                 with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await send.send((attempt, _END))
-            attempt.done.set()
+                    await send.send((hedge, _END))
+            race.done.set()
 
-    def _settle_losses(self, routed: Routed, session: Session, request: ChatRequest, attempts: list[Attempt], winner: Attempt | None) -> None:
-        """What each losing attempt of a hedged race spent: its own usage when
-        its upstream said, else the winner's prompt (the same prompt), else an
+    def _hedge_settled(self, race: "Race", winner: Attempt, loser: Attempt, now: float) -> None:
+        """A race with two calls in it ended at `winner`'s first token."""
+        winner.state.hedges_won += 1
+        loser.state.hedges_lost += 1
+        loser.abandoned = True
+        loser.state.waited(now - loser.started, self.tuning, now)
+
+    def _settle_losses(self, routed: Routed, session: Session, request: ChatRequest, race: "Race") -> None:
+        """What the losing call of a hedged race spent: its own usage when its
+        upstream said, else the winner's prompt (the same prompt), else an
         estimate. Recorded on the deployment and as a `router.hedge_lost` event."""
-        if winner is None or len(attempts) < 2:
+        winner = race.winner
+        loser = race.primary if winner is race.hedge else race.hedge
+        if winner is None or loser is None or not loser.abandoned:
             return
-        prompt = winner.usage.prompt_tokens if winner.usage is not None else None
-        for loser in attempts:
-            if loser is winner or not loser.abandoned:
-                continue
-            if loser.usage is not None:
-                tokens, completion, exact = loser.usage.prompt_tokens, loser.usage.completion_tokens, loser.usage.exact
-            elif prompt is not None:
-                tokens, completion, exact = prompt, 0, False
-            else:
-                tokens, completion, exact = _estimate_prompt(request), 0, False
-            cost = self.runtime.price(loser.state.spec.model, Usage(tokens, completion, exact=exact)) if self.runtime is not None else None
-            state = loser.state
-            state.lost_prompt_tokens += tokens
-            state.lost_completion_tokens += completion
-            state.lost_cost_usd += cost or 0.0
-            session.emit(
-                "router.hedge_lost",
-                model=routed.name,
-                winner=winner.state.name,
-                loser=state.name,
-                prompt_tokens=tokens,
-                completion_tokens=completion,
-                exact=exact,
-                cost_usd=cost,
-            )
+        if loser.usage is not None:
+            tokens, completion, exact = loser.usage.prompt_tokens, loser.usage.completion_tokens, loser.usage.exact
+        elif winner.usage is not None:
+            tokens, completion, exact = winner.usage.prompt_tokens, 0, False
+        else:
+            tokens, completion, exact = _estimate_prompt(request), 0, False
+        cost = self.runtime.price(loser.state.spec.model, Usage(tokens, completion, exact=exact)) if self.runtime is not None else None
+        state = loser.state
+        state.lost_prompt_tokens += tokens
+        state.lost_completion_tokens += completion
+        state.lost_cost_usd += cost or 0.0
+        session.emit(
+            "router.hedge_lost",
+            model=routed.name,
+            winner=winner.state.name,
+            loser=state.name,
+            prompt_tokens=tokens,
+            completion_tokens=completion,
+            exact=exact,
+            cost_usd=cost,
+        )
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -825,6 +906,21 @@ async def _aclose(stream: Any) -> None:
     close = getattr(stream, "aclose", None)
     if close is not None:
         await close()
+
+
+async def _read_head(stream: AsyncIterator[Delta]) -> tuple[list[Delta], bool]:
+    """A call's deltas up to its first visible one (role-only and usage-only
+    ones before it are kept), and whether the stream ended there."""
+    head: list[Delta] = []
+    while len(head) < HEAD_LIMIT:
+        try:
+            delta = await stream.__anext__()
+        except StopAsyncIteration:
+            return head, True
+        head.append(delta)
+        if delta.visible:
+            break
+    return head, False
 
 
 def _bounded_shield() -> trio.CancelScope:
