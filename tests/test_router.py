@@ -108,6 +108,7 @@ def test_latency_learns_the_fast_deployment_and_notices_when_the_slow_one_recove
             for _ in range(10):  # warm-up: each is measured
                 ask(client)
             served = [ask(client)[0] for _ in range(100)]
+            print(f"{served.count('fast/m1')} of 100 to the fast deployment")
             assert served.count("fast/m1") >= 90, served.count("fast/m1")
             state = router_state(server)
             assert deployment(state, "smart", "fast/m1")["ttft_ms"] < deployment(state, "smart", "slow/m1")["ttft_ms"] / 2
