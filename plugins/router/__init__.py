@@ -592,6 +592,8 @@ class RouterPlugin:
                 if race.hedge is not None and race.hedge.error is None:
                     self._hedge_settled(race, primary, race.hedge, now)
                 session.set_header("X-Routed-To", first.name)
+                # The relay loop of `_serve`, written out again: shared, it
+                # would be one more generator layer for every delta.
                 usage: Usage | None = None
                 visible = 0
                 try:
