@@ -14,21 +14,18 @@ round, and what the viewer received.
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-from . import servers
-from .report import RESULTS, Paired
+from . import paired, servers
+from .report import Paired
 from .scenarios import Bench
-from .system import machine, source_state
 
 ADMIN_KEY = "bench-console-admin-key"
 
@@ -88,25 +85,16 @@ class Viewer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.console", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--warmup", type=float, default=1.5)
-    parser.add_argument("--concurrency", default="1,32")
-    parser.add_argument("--results-dir", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    levels = [int(c) for c in args.concurrency.split(",")]
-    options = {"duration": args.duration, "warmup": args.warmup, "concurrency": levels, "rounds": args.rounds}
+    args = paired.arguments("python -m bench.console", __doc__).parse_args(argv)
+    options = paired.options(args)
+    levels = options["concurrency"]
     os.environ["STREAMVISOR_ADMIN_KEY"] = ADMIN_KEY  # the server inherits it
 
-    def progress(text: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
-
-    rounds: dict[str, list[dict[int, dict[str, Any]]]] = {"alone": [], "watched": []}
+    rounds: paired.Rounds = {"alone": [], "watched": []}
     seen: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="streamvisor-bench-console-") as folder:
         workdir = Path(folder)
-        bench = Bench(options, workdir, progress)
+        bench = Bench(options, workdir, paired.progress)
         try:
             plugins = servers.default_stack()
             names = [name for name, _ in plugins]
@@ -119,18 +107,14 @@ def main(argv: list[str] | None = None) -> int:
                 figures: dict[str, dict[int, dict[str, Any]]] = {name: {} for name in rounds}
                 for level in levels:
                     for name in rounds:
-                        progress(f"round {round_} of {args.rounds}: {name}, concurrency {level}")
+                        paired.progress(f"round {round_} of {args.rounds}: {name}, concurrency {level}")
                         viewer = Viewer(server.port).start() if name == "watched" else None
                         try:
                             run = bench.load(server.port, level, watch={"server": server.pid, "upstream": upstream.pid})
                         finally:
                             if viewer is not None:
                                 viewer.stop()
-                        figures[name][level] = {
-                            "rps": run["rps"],
-                            "cpu_ms": run["cpu"]["server"] / run["rps"] * 1000 if run["rps"] else float("nan"),
-                            "p50_ms": run["latency_ms"]["p50"],
-                        }
+                        figures[name][level] = paired.measured(run)
                         if viewer is not None:
                             seen.append({"round": round_, "concurrency": level, "messages": viewer.messages, "bytes": viewer.bytes, "sessions": len(viewer.sessions)})
                 for name in rounds:
@@ -140,12 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + Paired(rounds, levels, base="alone").tables("console"))
     print("\nThe viewer received (per run): " + "; ".join(
         f"c{s['concurrency']} {s['messages']} messages, {s['bytes'] / 1024:.0f} KiB, {s['sessions']} sessions" for s in seen))
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    out = args.results_dir / f"console-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"machine": machine(), "source": source_state(servers.ROOT), "options": options,
-                               "rounds": {n: [{str(k): v for k, v in r.items()} for r in runs] for n, runs in rounds.items()},
-                               "viewer": seen}, indent=2))
-    print(f"\nJSON: {out}")
+    print(f"\nJSON: {paired.save(args, 'console', rounds, viewer=seen)}")
     return 0
 
 

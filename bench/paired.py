@@ -1,4 +1,5 @@
-"""The frame of a paired benchmark (`bench.otel`, `bench.webhooks`, `bench.router`).
+"""The frame of a paired benchmark (`bench.otel`, `bench.webhooks`, `bench.router`;
+`bench.console` and `bench.responses` use its command line, figures and JSON file).
 
 Owns: their command line (rounds, duration, warm-up, concurrency levels, the
 results folder), the rounds in which every variant runs alternately on a
@@ -45,6 +46,15 @@ def options(args: argparse.Namespace) -> dict[str, Any]:
     return {"duration": args.duration, "warmup": args.warmup, "concurrency": [int(c) for c in args.concurrency.split(",")], "rounds": args.rounds}
 
 
+def measured(load: dict[str, Any]) -> dict[str, Any]:
+    """What a round keeps of one load run: req/s, server CPU per request (ms), p50 (ms)."""
+    return {
+        "rps": load["rps"],
+        "cpu_ms": load["cpu"]["server"] / load["rps"] * 1000 if load["rps"] else float("nan"),
+        "p50_ms": load["latency_ms"]["p50"],
+    }
+
+
 def run(
     args: argparse.Namespace,
     name: str,
@@ -75,11 +85,7 @@ def run(
                             load = bench.load(
                                 server.port, level, watch={"server": server.pid, "upstream": upstream.pid}, model=(models or {}).get(variant)
                             )
-                            figures[level] = {
-                                "rps": load["rps"],
-                                "cpu_ms": load["cpu"]["server"] / load["rps"] * 1000 if load["rps"] else float("nan"),
-                                "p50_ms": load["latency_ms"]["p50"],
-                            }
+                            figures[level] = measured(load)
                         if after is not None:
                             after(variant, server)
                     finally:
