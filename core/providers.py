@@ -121,6 +121,15 @@ class ProviderRegistry:
             raise ModelNotFound(f"The model '{model}' does not exist. Available models: {known}.", param="model")
         return route
 
+    def stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
+        """The provider's stream for `request`, as the end of the middleware
+        chain calls it (1.6): routed by its model (and its pinned provider),
+        at call time, the model renamed to the provider's own name for it."""
+        route = self.resolve(request.model, request.provider)
+        if route.target != request.model:
+            request = attrs.evolve(request, model=route.target)
+        return route.provider.stream(request)
+
     def _pinned(self, model: str, provider: str) -> Route:
         mine = self._own.get(provider)
         if mine is None:

@@ -724,7 +724,12 @@ class Runtime:
             events=self.events,
             meter=self.buffers,
         )
-        stream = compose(self._middlewares, self._provider_stream, session, self.faults) if self._middlewares else self._provider_stream
+        # The innermost stream routes by the request's model at call time:
+        # middleware sees the model name the client used; one that changes it
+        # (a fallback) reaches whichever provider serves the new name, one that
+        # pins `request.provider` (a router) that provider.
+        end = self.providers.stream
+        stream = compose(self._middlewares, end, session, self.faults) if self._middlewares else end
         actor = SessionActor(
             session, stream, self._transformers, self.events, self.sessions, self.faults, self._host.blame, self.price if self._pricers else None
         )
@@ -732,19 +737,6 @@ class Runtime:
         self.events.emit("created", session)
         self._nursery.start_soon(actor.run, name=f"session:{session_id}")
         return session
-
-    def _provider_stream(self, request: ChatRequest) -> AsyncIterator[Delta]:
-        """The innermost stream: route by the request's model, at call time.
-
-        Middleware sees the model name the client used; one that changes it (a
-        fallback) reaches whichever provider serves the new name, and one that
-        pins `request.provider` (a router) reaches that provider.
-        """
-        route = self.providers.resolve(request.model, request.provider)
-        if route.target != request.model:
-            request = attrs.evolve(request, model=route.target)
-        return route.provider.stream(request)
-
 
 def admission_headers(admissions: list[Admission]) -> dict[str, str]:
     headers: dict[str, str] = {}

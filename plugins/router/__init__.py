@@ -246,7 +246,7 @@ class RouterProvider:
         session = plugin.runtime.sessions.find(request.session_id) if plugin.runtime is not None else None
         if request.model not in plugin.models or session is None:
             raise InternalError(f"The routed model '{request.model}' reached the router's provider outside a session.")
-        stream = plugin.middleware(request, plugin.direct, session)
+        stream = plugin.middleware(request, plugin.runtime.providers.stream, session)
         try:
             async for delta in stream:
                 yield delta
@@ -400,13 +400,6 @@ class RouterPlugin:
             if state.cost is None:
                 price = self.runtime.price(spec.model, Usage(500_000, 500_000))
                 state.cost = None if price is None else float(price)
-
-    def direct(self, request: ChatRequest) -> AsyncIterator[Delta]:
-        """A deployment's provider, called as the end of the chain would."""
-        route = self.runtime.providers.resolve(request.model, request.provider)
-        if route.target != request.model:
-            request = attrs.evolve(request, model=route.target)
-        return route.provider.stream(request)
 
     def supports_tools(self, routed: Routed) -> bool:
         providers = self.runtime.providers
